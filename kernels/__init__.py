@@ -1,0 +1,21 @@
+"""Fused Triton kernels for GRPO training: linear log-prob over a vocab-parallel output layer and the GRPO
+loss. Each has a plain-torch reference in the same module; ``KernelConfig.use_reference`` (or
+``M2MEGA_KERNELS_REFERENCE=1``) switches every call to the references for debugging."""
+
+from .config import KernelConfig, get_kernel_config, kernel_config, set_kernel_config
+from .fused_grpo_loss import GRPOLossFunction, dynamic_advantage_weights, fused_grpo_loss, grpo_loss_reference
+from .fused_linear_logprob import LinearLogprobFunction, fused_linear_logprob, linear_logprob_reference
+
+__all__ = [
+    "KernelConfig",
+    "get_kernel_config",
+    "set_kernel_config",
+    "kernel_config",
+    "fused_linear_logprob",
+    "linear_logprob_reference",
+    "LinearLogprobFunction",
+    "fused_grpo_loss",
+    "grpo_loss_reference",
+    "GRPOLossFunction",
+    "dynamic_advantage_weights",
+]
