@@ -78,6 +78,7 @@ def linear_logprob_reference(
     return_entropy: bool = False,
     ignore_index: int = -100,
     reduce_grad_hidden: bool = True,
+    vocab_start: int | None = None,
 ):
     """Plain-torch reference (autograd through torch ops). Materialises the [T, V_local] logits in the input
     dtype, as eager training code does, then works in fp32 (in fp64 for fp64 inputs: gradient checks).
@@ -110,7 +111,7 @@ def linear_logprob_reference(
     x = logits - m[:, None]
     ex = x.exp()
     sumexp = reduce(ex.sum(dim=-1))
-    local = targets.long() - rank * V
+    local = targets.long() - (rank * V if vocab_start is None else vocab_start)
     present = (local >= 0) & (local < V)
     tz = reduce(torch.where(present, x.gather(1, local.clamp(0, V - 1)[:, None]).squeeze(1), 0.0))
     lse_shifted = sumexp.log()
@@ -140,11 +141,11 @@ class LinearLogprobFunction(torch.autograd.Function):
     """autograd wrapper: forward = fused stats kernel + TP reductions; backward recomputes logits chunks."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, tp_group, with_ent, ignore_index, reduce_grad_hidden):
+    def forward(ctx, hidden, weight, targets, temperature, tp_group, with_ent, ignore_index, reduce_grad_hidden,
+                vocab_start):
         rank, tp = _tp_info(tp_group)
-        V = weight.shape[0]
         inv_temp = 1.0 / float(temperature)
-        m_part, s_part, e_part, tz = tk.fwd_stats(hidden, weight, targets, inv_temp, rank * V, with_ent)
+        m_part, s_part, e_part, tz = tk.fwd_stats(hidden, weight, targets, inv_temp, vocab_start, with_ent)
         # Combine the per-tile partials (online-softmax merge), then across TP ranks.
         m = m_part.amax(dim=0)
         scale = torch.exp(m_part - m)
@@ -165,7 +166,7 @@ class LinearLogprobFunction(torch.autograd.Function):
         logprob = torch.where(ignored, 0.0, tz - lse)
         ebar = e / s if with_ent else None
         ctx.save_for_backward(hidden, weight, targets, lse, ignored, ebar if with_ent else lse)
-        ctx.meta = (inv_temp, tp_group, rank, tp, with_ent, reduce_grad_hidden)
+        ctx.meta = (inv_temp, tp_group, rank, tp, with_ent, reduce_grad_hidden, vocab_start)
         if with_ent:
             return logprob, lse - ebar
         return logprob
@@ -173,12 +174,12 @@ class LinearLogprobFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         hidden, weight, targets, lse, ignored, ebar = ctx.saved_tensors
-        inv_temp, tp_group, rank, tp, with_ent, reduce_grad_hidden = ctx.meta
+        inv_temp, tp_group, rank, tp, with_ent, reduce_grad_hidden, vocab_start = ctx.meta
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g_lp = grads[0]
         g_ent = grads[1] if with_ent else None
         if (not need_h and not need_w) or (g_lp is None and g_ent is None):
-            return (None,) * 8
+            return (None,) * 9
         T, H = hidden.shape
         V = weight.shape[0]
         g_lp = torch.zeros(T, device=hidden.device) if g_lp is None else g_lp.float()
@@ -193,7 +194,7 @@ class LinearLogprobFunction(torch.autograd.Function):
         for i, (v0, v1) in enumerate(chunks):
             w_c = weight[v0:v1]
             d = slab[:, : v1 - v0]
-            tk.bwd_dlogits(hidden, w_c, targets, lse, g_lp, g_ent, ebar, d, inv_temp, rank * V + v0)
+            tk.bwd_dlogits(hidden, w_c, targets, lse, g_lp, g_ent, ebar, d, inv_temp, vocab_start + v0)
             if need_w:
                 # One GEMM over all T per chunk: each grad_W row is reduced in the GEMM's fp32 accumulator
                 # and rounded once.
@@ -204,7 +205,7 @@ class LinearLogprobFunction(torch.autograd.Function):
             if tp > 1 and reduce_grad_hidden:
                 dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=tp_group)
             grad_h = grad_h.to(hidden.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def fused_linear_logprob(
@@ -218,6 +219,7 @@ def fused_linear_logprob(
     *,
     ignore_index: int = -100,
     reduce_grad_hidden: bool = True,
+    vocab_size: int | None = None,
 ):
     """log softmax((hidden @ weight^T) / temperature)[t, targets[t]] as fp32 [T], and optionally the entropy
     of that distribution (fp32 [T]), without storing T x V.
@@ -226,16 +228,33 @@ def fused_linear_logprob(
     vocab ids (int64/int32). Rows whose target equals ``ignore_index`` get logprob 0 and no gradient through
     it (their entropy is still computed). ``tp_group``: the tensor-parallel group the vocab is split over
     (None: no split). ``use_reference`` (or ``KernelConfig.use_reference``) runs the torch reference.
+
+    ``vocab_size``: the real global vocabulary when megatron padded the output layer (to a multiple of
+    128 x TP): padded rows are excluded from the softmax (as if their logits were -inf) and get zero
+    gradient. Rank r still owns global ids [r*V_local, (r+1)*V_local).
     """
     cfg = get_kernel_config()
     rank, tp = _tp_info(tp_group)
     _check(hidden, weight, targets, temperature, tp, ignore_index, cfg.check_inputs)
+    v_local = weight.shape[0]
+    vocab_start = rank * v_local
+    if vocab_size is not None and vocab_size < v_local * tp:
+        if cfg.check_inputs and targets.numel():
+            bad = (targets >= vocab_size) & (targets != ignore_index)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"targets[{i}] = {int(targets[i])} is a padded vocabulary id (vocab_size={vocab_size})")
+        n_valid = min(v_local, vocab_size - vocab_start)
+        if n_valid <= 0:
+            raise ValueError(f"TP rank {rank} holds only padded vocabulary rows (vocab_size={vocab_size}, "
+                             f"V_local={v_local}); use less vocabulary padding or a smaller TP")
+        weight = weight[:n_valid]  # a view: autograd gives the padded rows zero gradient
     if use_reference or cfg.use_reference:
         return linear_logprob_reference(hidden, weight, targets, temperature, tp_group, return_entropy,
-                                        ignore_index, reduce_grad_hidden)
+                                        ignore_index, reduce_grad_hidden, vocab_start)
     if hidden.shape[0] == 0:
         z = hidden.sum(dim=1, dtype=torch.float32) + weight.sum() * 0  # keeps autograd wiring for T=0
         return (z, z.clone()) if return_entropy else z
     return LinearLogprobFunction.apply(hidden.contiguous(), weight.contiguous(), targets.contiguous(),
                                        float(temperature), tp_group if tp > 1 else None, bool(return_entropy),
-                                       int(ignore_index), bool(reduce_grad_hidden))
+                                       int(ignore_index), bool(reduce_grad_hidden), vocab_start)

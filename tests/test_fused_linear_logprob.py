@@ -124,6 +124,24 @@ def test_extreme_logits(dtype):
     compare(ours, {k: v.to(ours[k].dtype) for k, v in gold.items()}, 1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("use_reference", [False, True])
+def test_padded_vocab_rows_are_excluded(use_reference):
+    """vocab_size < V_local: padded rows (random here, as after megatron's init) never enter the softmax."""
+    h, w, y, g_lp, _ = make(11, 24, 131, seed=5)
+    vocab = 117
+    y = y.clamp(max=vocab - 1)
+    hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    lp = fused_linear_logprob(hh, ww, y, 0.7, vocab_size=vocab, use_reference=use_reference)
+    (lp * g_lp).sum().backward()
+    h2, w2 = h.clone().requires_grad_(True), w[:vocab].clone().requires_grad_(True)
+    gold = linear_logprob_reference(h2, w2, y, 0.7)
+    (gold * g_lp).sum().backward()
+    assert rel(lp, gold) < 1e-5 and rel(hh.grad, h2.grad) < 1e-5
+    assert rel(ww.grad[:vocab], w2.grad) < 1e-5 and ww.grad[vocab:].abs().max() == 0
+    with pytest.raises(ValueError, match="padded vocabulary id"):
+        fused_linear_logprob(h, w, torch.full_like(y, vocab + 1), vocab_size=vocab)
+
+
 def test_backward_vocab_chunks_agree():
     """Several backward slabs (tail chunk narrower than the rest) give the one-slab gradients."""
     h, w, y, g_lp, g_ent = make(17, 24, 300, seed=5)
@@ -249,6 +267,13 @@ def _tp_body():
                      reduce_grad_hidden=False)["gh"]
     dist.all_reduce(part, group=group)
     out["partial_summed_gh"] = part
+    # megatron pads the output layer's vocab: the last rank's tail rows are padding, outside the softmax.
+    vocab = w.shape[0] - 5
+    hp = h.detach().clone().requires_grad_(True)
+    wp = w_local.detach().clone().requires_grad_(True)
+    fused_linear_logprob(hp, wp, y.clamp(max=vocab - 1), tp_group=group, vocab_size=vocab).sum().backward()
+    out["padded"] = {"lp": fused_linear_logprob(h, w_local, y.clamp(max=vocab - 1), tp_group=group,
+                                                vocab_size=vocab).detach(), "gw": wp.grad, "gh": hp.grad}
     return out
 
 
@@ -268,6 +293,17 @@ def test_tensor_parallel_matches_tp1():
                 assert rel(ranks[r][impl][k], full[k]) < 1e-5, (impl, k, r)
         assert rel(gw, full["gw"]) < 1e-5, impl
     assert rel(ranks[0]["partial_summed_gh"], full["gh"]) < 1e-5
+    vocab = w.shape[0] - 5
+    y_pad = y.clamp(max=vocab - 1)
+    hp = h.detach().clone().requires_grad_(True)
+    wp = w.detach().clone().requires_grad_(True)
+    gold = linear_logprob_reference(hp, wp[:vocab], y_pad)
+    gold.sum().backward()
+    gw_pad = torch.cat([ranks[0]["padded"]["gw"], ranks[1]["padded"]["gw"]])
+    for r in range(2):
+        assert rel(ranks[r]["padded"]["lp"], gold) < 1e-5
+        assert rel(ranks[r]["padded"]["gh"], hp.grad) < 1e-5
+    assert rel(gw_pad, wp.grad) < 1e-5 and gw_pad[vocab:].abs().max() == 0
 
 
 # ------------------------------------------------------------------------------------------ GPU / benchmark
