@@ -78,6 +78,7 @@ setup(
         "tensorboard",
         "matplotlib",
         "psutil",  # megatron dist_checkpointing's async writer needs it
+        "transformers>=5.0",  # HuggingFaceTokenizer (AutoTokenizer) in tools/preprocess_data.py
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "pytest-timeout", "transformers>=5.0"],

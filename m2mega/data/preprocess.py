@@ -1,0 +1,387 @@
+"""JSONL -> ``PREFIX.bin/.idx`` + sidecar: the engine behind ``tools/preprocess_data.py``.
+
+Pipeline (memory stays bounded whatever the input size):
+
+1. The main process scans each input for the byte offset of every ``chunk_size``-th line (one pass, only
+   the offsets are kept) and hands chunks to ``--workers`` processes.
+2. A worker validates each row (:mod:`.schema`), decodes and resizes its images (:mod:`.images`), renders
+   the chat template (:mod:`.chat_template`), tokenises, expands every ``<|image_pad|>`` to the image's
+   vision-token count, builds the loss spans, and writes its chunk as a small shard dataset on disk. Bad
+   rows become reject records (file, line, id, reason); they never stop the run.
+3. The main process appends finished shards in chunk order (megatron-core ``add_index``) and streams the
+   rejects, in input order, to the reject file. Chunks are fixed by line count, not by worker, so the
+   result is byte-identical for any ``--workers``.
+4. ``--order input`` renames that dataset into place; ``curriculum`` / ``shuffle`` re-write it in the
+   final order (ascending difficulty with a seeded tie-break, or a seeded permutation).
+
+Everything is written under temporary names and renamed at the very end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from .chat_template import DEFAULT_SYSTEM_PROMPT, render_segments, with_system_prompt
+from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, grid_of, load_image, vision_tokens
+from .indexed import EncodedSample, IndexedSamples, SampleWriter, dataset_files
+from .ordering import ORDERS, curriculum_order, shuffle_order
+from .schema import RejectError, Row, parse_row, reason_code
+from .tokenizer import M2Tokenizer, build_tokenizer
+
+__all__ = ["ConfigError", "PreprocessConfig", "PreprocessResult", "encode_row", "preprocess", "loss_spans_from_mask"]
+
+IMAGE_FORMATS = ("pixels", "patches")
+
+
+class ConfigError(ValueError):
+    """Unusable arguments (bad flag values, missing input, unloadable tokenizer): nothing was processed."""
+
+
+@dataclass
+class PreprocessConfig:
+    """All knobs of a preprocessing run (the CLI flags, minus inputs/outputs)."""
+
+    tokenizer_type: str = "HuggingFaceTokenizer"
+    tokenizer_model: str = ""
+    seq_length: int = 8192
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    image_format: str = "pixels"  # "pixels": resized uint8; "patches": pack_images pixel_values
+    patch_dtype: str = "bfloat16"  # patches only: float32 | bfloat16
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None: Qwen's default "You are a helpful assistant."
+    order: str = "input"
+    seed: int = 1234
+    min_quality: float | None = None
+    workers: int = 1
+    chunk_size: int = 256
+    max_reject_fraction: float = 0.05
+    progress: bool = True
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` on an unusable setting."""
+        if self.order not in ORDERS:
+            raise ConfigError(f"--order must be one of {ORDERS}, got {self.order!r}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ConfigError(f"--image-format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
+        if self.patch_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"--patch-dtype must be float32 or bfloat16, got {self.patch_dtype!r}")
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ConfigError(f"need 0 < --min-pixels <= --max-pixels, got {self.min_pixels}, {self.max_pixels}")
+        if self.seq_length < 1 or self.workers < 1 or self.chunk_size < 1:
+            raise ConfigError("--seq-length, --workers and --chunk-size must be >= 1")
+
+
+@dataclass
+class PreprocessResult:
+    """Summary of a run (also stored under ``"preprocess"`` in ``PREFIX.meta.json``)."""
+
+    rows: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    tokens: int = 0
+    images: int = 0
+    reject_reasons: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    workers: int = 1
+    reject_fraction: float = 0.0
+    exceeded: bool = False
+    files: list = field(default_factory=list)
+    reject_file: str = ""
+
+
+def loss_spans_from_mask(mask: np.ndarray) -> np.ndarray:
+    """Half-open ``[start, end)`` runs of True in a bool mask, as int32 ``[k, 2]``."""
+    m = np.concatenate([[False], np.asarray(mask, dtype=bool), [False]])
+    edges = np.flatnonzero(m[1:] != m[:-1])
+    return edges.reshape(-1, 2).astype(np.int32)
+
+
+def _quality_of(row: Row) -> float:
+    """The row's quality: its own field, else :func:`m2mega.data.quality.score_trajectory` of its final
+    assistant turn (NaN for an RL row without the field: there is no trajectory to judge)."""
+    if not math.isnan(row.quality) or row.is_rl:
+        return row.quality
+    from m2mega.data.quality import score_trajectory
+
+    score = score_trajectory(row.messages[-1]["content"], row.answer or None, row.answer_type, row.task)
+    return float(score.total)
+
+
+def _check_structure(ids: np.ndarray, is_img: np.ndarray, msgs: list[dict], row: Row, tok: M2Tokenizer) -> None:
+    """Special-token strings typed into the text (a fake ``<|im_end|>``, a stray ``<|image_pad|>``) would
+    be tokenised as the real tokens and corrupt the turn structure or the image alignment: reject them."""
+    turns = len(msgs) + (msgs[0]["role"] != "system") + row.is_rl
+    counts = {
+        "<|im_start|>": (int((ids == tok.im_start_id).sum()), turns),
+        "<|im_end|>": (int((ids == tok.im_end_id).sum()), turns - row.is_rl),
+        "<|image_pad|>": (int(is_img.sum()), len(row.image_paths)),
+        "<|vision_start|>": (int((ids == tok.vision_start_token_id).sum()), len(row.image_paths)),
+        "<|vision_end|>": (int((ids == tok.vision_end_token_id).sum()), len(row.image_paths)),
+        "<|video_pad|>": (int((ids == tok.video_token_id).sum()), 0),
+        "<|endoftext|>": (int((ids == tok.endoftext_id).sum()), 0),
+    }
+    bad = [f"{k} x{got} (expected {want})" for k, (got, want) in counts.items() if got != want]
+    if bad:
+        raise RejectError("special_token_in_text", "the text contains special-token strings: " + ", ".join(bad))
+
+
+def encode_row(row: Row, tok: M2Tokenizer, cfg: PreprocessConfig, file: int = 0, line: int = 0) -> EncodedSample:
+    """Validated row -> stored sample (tokens, loss spans, images); :class:`RejectError` when it cannot be."""
+    if cfg.order == "curriculum" and math.isnan(row.difficulty):
+        raise RejectError("missing_difficulty", "--order curriculum needs a 'difficulty' on every row")
+    if cfg.min_quality is not None:
+        q = _quality_of(row)
+        if q < cfg.min_quality:  # NaN (RL row, no quality given) compares False: kept
+            raise RejectError("low_quality", f"quality {q:.4g} < --min-quality {cfg.min_quality}")
+        row.quality = q
+    msgs = with_system_prompt(row.messages, cfg.system_prompt)
+    ids, mask = tok.encode_segments(render_segments(msgs, add_generation_prompt=row.is_rl))
+    is_img = ids == tok.image_token_id
+    _check_structure(ids, is_img, msgs, row, tok)
+    pixels = [load_image(p, cfg.min_pixels, cfg.max_pixels) for p in row.image_paths]
+    grids = np.asarray([grid_of(a.shape[0], a.shape[1]) for a in pixels], dtype=np.int32).reshape(-1, 3)
+    reps = np.ones(len(ids), dtype=np.int64)
+    reps[is_img] = [vision_tokens(g) for g in grids]
+    total = int(reps.sum())
+    if total > cfg.seq_length:
+        raise RejectError("too_long", f"{total} tokens > --seq-length {cfg.seq_length}")
+    tokens = np.repeat(ids, reps).astype(np.int32)
+    mask = np.repeat(mask, reps)
+    if row.is_rl:
+        mask[:] = False  # RL prompts carry no SFT targets
+    if cfg.image_format == "pixels":
+        images = pixels
+    else:
+        images = _patches(pixels, grids, cfg)
+    return EncodedSample(
+        tokens=tokens, loss_spans=loss_spans_from_mask(mask), images=images, grids=grids, id=row.id,
+        answer=row.answer, task=row.task, answer_type=row.answer_type, difficulty=row.difficulty,
+        quality=row.quality, is_rl=row.is_rl, file=file, line=line,
+    )
+
+
+def _patches(pixels: list[np.ndarray], grids: np.ndarray, cfg: PreprocessConfig) -> list[np.ndarray]:
+    """pixel_values of each (already resized) image via the vision packing op; bf16 kept as raw int16."""
+    if not pixels:
+        return []
+    import torch
+
+    from m2mega.ops.vision_pack import pack_images
+
+    dtype = torch.bfloat16 if cfg.patch_dtype == "bfloat16" else torch.float32
+    packed = pack_images([torch.from_numpy(p) for p in pixels], min_pixels=cfg.min_pixels,
+                         max_pixels=cfg.max_pixels, dtype=dtype)
+    pv = packed.pixel_values.view(torch.int16) if dtype == torch.bfloat16 else packed.pixel_values
+    sizes = [int(t * h * w) for t, h, w in grids]
+    return [c.numpy() for c in pv.split(sizes)]
+
+
+# ------------------------------------------------------------------------------------------ workers
+
+_STATE: dict = {}
+
+
+def _init_worker(cfg: PreprocessConfig, single_thread: bool = True) -> None:
+    if single_thread:  # in a pool process: one process per core is the parallelism
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        import torch
+
+        torch.set_num_threads(1)
+    _STATE["cfg"] = cfg
+    _STATE["tok"] = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)
+
+
+@dataclass
+class _Chunk:
+    index: int
+    file: int
+    path: str
+    offset: int
+    n_lines: int
+    first_line: int
+    shard: str
+
+
+@dataclass
+class _ChunkResult:
+    index: int
+    shard: str
+    rows: int
+    accepted: int
+    rejects: list  # [(file, line, id, reason)]
+
+
+def _process_chunk(chunk: _Chunk) -> _ChunkResult:
+    cfg, tok = _STATE["cfg"], _STATE["tok"]
+    base = os.path.dirname(os.path.abspath(chunk.path))
+    writer = SampleWriter(chunk.shard)
+    rejects, rows = [], 0
+    try:
+        with open(chunk.path, "rb") as f:
+            f.seek(chunk.offset)
+            for k in range(chunk.n_lines):
+                raw = f.readline()
+                lineno = chunk.first_line + k
+                rows += 1
+                rid = ""
+                try:
+                    if not raw.strip():
+                        raise RejectError("malformed_json", "empty line")
+                    row = parse_row(raw, base)
+                    rid = row.id
+                    writer.add(encode_row(row, tok, cfg, chunk.file, lineno))
+                except RejectError as e:
+                    rid = rid or e.row_id
+                    rejects.append((chunk.file, lineno, rid, e.reason))
+                except Exception as e:  # a bug or an unforeseen input must not kill the run: record it
+                    rejects.append((chunk.file, lineno, rid, f"error: {type(e).__name__}: {e}"))
+        writer.finalize({})
+    except BaseException:
+        writer.abort()
+        raise
+    return _ChunkResult(chunk.index, chunk.shard, rows, writer.num_samples, rejects)
+
+
+def _chunks(inputs: list[str], chunk_size: int, shard_dir: str) -> Iterator[_Chunk]:
+    """Fixed-size line chunks of every input (byte offsets found by one streaming pass)."""
+    index = 0
+    for fi, path in enumerate(inputs):
+        with open(path, "rb") as f:
+            offset, lineno, n = 0, 1, 0
+            pos = 0
+            for raw in f:
+                n += 1
+                pos += len(raw)
+                if n == chunk_size:
+                    yield _Chunk(index, fi, path, offset, n, lineno, os.path.join(shard_dir, f"c{index:08d}"))
+                    index += 1
+                    offset, lineno, n = pos, lineno + n, 0
+            if n:
+                yield _Chunk(index, fi, path, offset, n, lineno, os.path.join(shard_dir, f"c{index:08d}"))
+                index += 1
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def preprocess(
+    inputs: list[str], output_prefix: str, cfg: PreprocessConfig, reject_file: str | None = None
+) -> PreprocessResult:
+    """Run the whole pipeline; returns the summary. Raises only on unusable arguments or I/O failure:
+    bad rows are rejects. ``result.exceeded`` tells whether ``max_reject_fraction`` was exceeded."""
+    cfg.check()
+    inputs = [os.path.abspath(p) for p in inputs]
+    for p in inputs:
+        if not os.path.isfile(p):
+            raise ConfigError(f"--input {p} not found")
+    try:
+        tok = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)  # fail fast on a bad tokenizer
+    except (ValueError, OSError, KeyError) as e:
+        raise ConfigError(f"cannot load tokenizer: {e}") from e
+    reject_file = reject_file or output_prefix + ".rejects.jsonl"
+    out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp_dir = os.path.join(out_dir, f".{os.path.basename(output_prefix)}.tmp{os.getpid()}")
+    os.makedirs(tmp_dir, exist_ok=True)
+    res = PreprocessResult(workers=cfg.workers, reject_file=reject_file)
+    reasons: Counter = Counter()
+    t0 = time.time()
+    reject_tmp = reject_file + f".tmp{os.getpid()}"
+    stage = os.path.join(tmp_dir, "all")
+    pool = merged = None
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(unit="row", desc="preprocess", disable=not cfg.progress, file=sys.stderr, mininterval=1.0)
+        merged = SampleWriter(stage if cfg.order != "input" else output_prefix)
+        chunks = _chunks(inputs, cfg.chunk_size, tmp_dir)
+        if cfg.workers == 1:
+            _init_worker(cfg, single_thread=False)
+            results = map(_process_chunk, chunks)
+        else:
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,))
+            results = pool.imap(_process_chunk, chunks)  # ordered: shards are appended in chunk order
+        with open(reject_tmp, "w", encoding="utf-8") as rf:
+            for r in results:
+                merged.append_dataset(r.shard)
+                for f in dataset_files(r.shard):
+                    os.remove(f)
+                for fi, line, rid, reason in r.rejects:
+                    rf.write(json.dumps({"file": inputs[fi], "line": line, "id": rid, "reason": reason},
+                                        ensure_ascii=False) + "\n")
+                    reasons[reason_code(reason)] += 1
+                res.rows += r.rows
+                res.accepted += r.accepted
+                res.rejected += len(r.rejects)
+                bar.update(r.rows)
+                bar.set_postfix(ok=res.accepted, rejects=res.rejected, refresh=False)
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
+        res.tokens, res.images = merged.num_tokens, merged._n_images
+        res.reject_reasons = dict(sorted(reasons.items()))
+        res.reject_fraction = res.rejected / max(res.rows, 1)
+        res.exceeded = res.reject_fraction > cfg.max_reject_fraction
+        res.seconds = time.time() - t0
+        meta = {
+            "inputs": inputs,
+            "image_format": cfg.image_format,
+            "patch_dtype": cfg.patch_dtype if cfg.image_format == "patches" else None,
+            "order": cfg.order,
+            "tokenizer": tok.special_token_ids(),
+            "tokenizer_type": cfg.tokenizer_type,
+            "tokenizer_model": os.path.abspath(cfg.tokenizer_model),
+            "config": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "workers")},
+            "preprocess": {k: v for k, v in asdict(res).items() if k not in ("files", "seconds", "workers")},
+        }
+        if cfg.order == "input" or merged.num_samples == 0:
+            res.files = merged.finalize(meta, prefix=output_prefix)
+        else:
+            merged.finalize(meta)
+            res.files = _reorder(stage, output_prefix, cfg, meta)
+        os.replace(reject_tmp, reject_file)
+        res.seconds = time.time() - t0
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        if merged is not None:
+            merged.abort()
+        if os.path.exists(reject_tmp):
+            os.remove(reject_tmp)
+        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return res
+
+
+def _reorder(stage: str, output_prefix: str, cfg: PreprocessConfig, meta: dict) -> list[str]:
+    """Write ``stage`` to ``output_prefix`` in the ``--order`` permutation."""
+    src = IndexedSamples(stage)
+    n = len(src)
+    if cfg.order == "curriculum":
+        perm = curriculum_order(np.asarray(src.samples["difficulty"]), cfg.seed)
+    else:
+        perm = shuffle_order(n, cfg.seed)
+    out = SampleWriter(output_prefix, tasks=src.meta["tasks"])
+    try:
+        identity = np.arange(len(src.meta["tasks"]), dtype=np.int16)
+        for i in perm:
+            out.add_raw(src, int(i), identity)
+        return out.finalize(meta)
+    except BaseException:
+        out.abort()
+        raise

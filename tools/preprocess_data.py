@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Preprocess M2-Reasoning JSONL (SFT and RL rows, with images) into megatron-core indexed datasets.
+
+    python tools/preprocess_data.py --input train.jsonl --output-prefix data/train \\
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model /models/Qwen2.5-VL-7B-Instruct \\
+        --workers 16 --order curriculum --seq-length 8192
+
+Writes PREFIX.bin / PREFIX.idx (``IndexedDataset(PREFIX, multimodal=True)``), the sidecar
+(PREFIX.samples.npy, .grid.npy, .strings.bin, .meta.json) and the reject file; see docs/data.md.
+Exit code 0, or 1 when more than ``--max-reject-fraction`` of the rows were rejected (the dataset of the
+accepted rows is still written), or 2 on unusable arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from m2mega.data.chat_template import DEFAULT_SYSTEM_PROMPT
+from m2mega.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from m2mega.data.ordering import ORDERS
+from m2mega.data.preprocess import IMAGE_FORMATS, ConfigError, PreprocessConfig, preprocess
+from m2mega.data.tokenizer import TOKENIZER_TYPES
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("input data")
+    g.add_argument("--input", nargs="+", required=True, help="JSONL file(s); image paths relative to each file")
+    g.add_argument("--min-quality", type=float, default=None,
+                   help="reject SFT rows whose 'quality' (or m2mega.data.quality's score) is below this")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    g.add_argument("--tokenizer-model", required=True, help="HF tokenizer directory or SentencePiece .model")
+    g.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
+                   help="system turn added to rows without one (default: the think/answer/boxed instructions); "
+                        "'none' leaves it to the template (Qwen's 'You are a helpful assistant.')")
+    g.add_argument("--seq-length", type=int, default=8192,
+                   help="rows longer than this (tokens, images expanded) are rejected")
+    g = p.add_argument_group("images")
+    g.add_argument("--min-pixels", type=int, default=DEFAULT_MIN_PIXELS)
+    g.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    g.add_argument("--image-format", choices=IMAGE_FORMATS, default="pixels",
+                   help="store resized uint8 pixels (default; 8x smaller than bf16 patches) or packed patches")
+    g.add_argument("--patch-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="dtype of stored patches with --image-format patches")
+    g = p.add_argument_group("output data")
+    g.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx and the sidecar")
+    g.add_argument("--order", choices=ORDERS, default="input",
+                   help="curriculum: ascending difficulty (seeded tie-break); shuffle: seeded permutation")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--reject-file", default=None, help="JSONL of rejected rows (default PREFIX.rejects.jsonl)")
+    g.add_argument("--max-reject-fraction", type=float, default=0.05,
+                   help="exit with code 1 when a larger fraction of rows is rejected")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=1, help="worker processes")
+    g.add_argument("--chunk-size", type=int, default=256, help="rows per work unit (does not change the output)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args(argv)
+    cfg = PreprocessConfig(
+        tokenizer_type=args.tokenizer_type,
+        tokenizer_model=args.tokenizer_model,
+        seq_length=args.seq_length,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+        image_format=args.image_format,
+        patch_dtype=args.patch_dtype,
+        system_prompt=None if args.system_prompt.lower() == "none" else args.system_prompt,
+        order=args.order,
+        seed=args.seed,
+        min_quality=args.min_quality,
+        workers=args.workers,
+        chunk_size=args.chunk_size,
+        max_reject_fraction=args.max_reject_fraction,
+        progress=not args.no_progress,
+    )
+    try:
+        res = preprocess(args.input, args.output_prefix, cfg, reject_file=args.reject_file)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rate = res.rows / max(res.seconds, 1e-9)
+    print(
+        f"rows {res.rows}  accepted {res.accepted}  rejected {res.rejected} ({100 * res.reject_fraction:.2f}%)  "
+        f"tokens {res.tokens}  images {res.images}  {res.seconds:.1f}s  {rate:.1f} rows/s "
+        f"({rate / res.workers:.1f}/s/worker)",
+        file=sys.stderr,
+    )
+    if res.reject_reasons:
+        print("rejects by reason: " + json.dumps(res.reject_reasons), file=sys.stderr)
+    print(f"rejects written to {res.reject_file}", file=sys.stderr)
+    if res.exceeded:
+        print(
+            f"error: {100 * res.reject_fraction:.2f}% of rows rejected > --max-reject-fraction "
+            f"{100 * args.max_reject_fraction:.2f}%",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
