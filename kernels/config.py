@@ -14,7 +14,14 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
-__all__ = ["KernelConfig", "get_kernel_config", "set_kernel_config", "kernel_config"]
+__all__ = ["KernelConfig", "get_kernel_config", "set_kernel_config", "kernel_config", "triton_runs_on"]
+
+
+def triton_runs_on(t) -> bool:
+    """Whether the Triton kernels can run on ``t``'s device: a GPU, or CPU under ``TRITON_INTERPRET=1``
+    (CI). Otherwise (a plain CPU run such as the demo) the callers use the torch reference, which on CPU
+    is also far faster than the numpy interpreter."""
+    return t.device.type != "cpu" or os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 
 from . import _grpo_loss_triton as gk
-from .config import get_kernel_config
+from .config import get_kernel_config, triton_runs_on
 
 __all__ = ["fused_grpo_loss", "grpo_loss_reference", "GRPOLossFunction", "dynamic_advantage_weights"]
 
@@ -277,7 +277,7 @@ def fused_grpo_loss(
     """
     cfg = get_kernel_config()
     beta = float(beta)
-    if use_reference or cfg.use_reference:
+    if use_reference or cfg.use_reference or not triton_runs_on(logp):
         return grpo_loss_reference(logp, old_logp, ref_logp, advantages, loss_mask, clip_low=clip_low,
                                    clip_high=clip_high, dual_clip=dual_clip, beta=beta, weights=weights,
                                    aggregation=aggregation, cu_seqlens=cu_seqlens, normalizer=normalizer)

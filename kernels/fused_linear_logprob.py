@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import _linear_logprob_triton as tk
-from .config import get_kernel_config
+from .config import get_kernel_config, triton_runs_on
 
 __all__ = ["fused_linear_logprob", "linear_logprob_reference", "LinearLogprobFunction"]
 
@@ -249,7 +249,7 @@ def fused_linear_logprob(
             raise ValueError(f"TP rank {rank} holds only padded vocabulary rows (vocab_size={vocab_size}, "
                              f"V_local={v_local}); use less vocabulary padding or a smaller TP")
         weight = weight[:n_valid]  # a view: autograd gives the padded rows zero gradient
-    if use_reference or cfg.use_reference:
+    if use_reference or cfg.use_reference or not triton_runs_on(hidden):
         return linear_logprob_reference(hidden, weight, targets, temperature, tp_group, return_entropy,
                                         ignore_index, reduce_grad_hidden, vocab_start)
     if hidden.shape[0] == 0:

@@ -210,3 +210,19 @@ def test_cuda_matches_reference():
     out = both((lp, old, ref, adv, mask), dict(clip_high=0.28, dual_clip=3.0, beta=0.05, weights=w,
                                                aggregation="sequence"))
     assert rel(out["fused"][0], out["ref"][0]) < 1e-5 and rel(out["fused"][2], out["ref"][2]) < 1e-5
+
+
+def test_plain_cpu_run_uses_the_reference(monkeypatch):
+    """Without TRITON_INTERPRET (e.g. the CPU demo) CPU tensors take the torch reference, not a crash."""
+    from m2mega.kernels import config as kcfg
+    from m2mega.kernels import fused_linear_logprob
+
+    x = torch.zeros(2, device="cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not kcfg.triton_runs_on(x)
+    h, w, y = torch.randn(3, 8), torch.randn(11, 8), torch.tensor([1, 2, 10])
+    got = fused_linear_logprob(h, w, y)
+    want = torch.log_softmax(h @ w.t(), -1).gather(1, y[:, None]).squeeze(1)
+    assert torch.allclose(got, want, atol=1e-6)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kcfg.triton_runs_on(x)
