@@ -88,6 +88,14 @@ class Qwen25VLModel(MegatronModule):
     def shared_embedding_or_output_weight(self):
         return self.language_model.shared_embedding_or_output_weight()
 
+    def output_weight(self) -> Tensor:
+        """The (vocab-parallel, padded) output projection ``[V_pad / TP, h]`` of the last stage."""
+        if not self.post_process:
+            raise RuntimeError("only the last pipeline stage holds the output layer")
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.language_model.output_layer.weight
+
     # ------------------------------------------------------------------ helpers
     def compute_position_ids(
         self,
@@ -157,7 +165,9 @@ class Qwen25VLModel(MegatronModule):
         if self.padded_vocab_size == self.vocab_size:
             return logits
         per_rank = logits.shape[-1]
-        first = parallel_state.get_tensor_model_parallel_rank() * per_rank
+        # Gathered logits (runtime_gather_output, forced by megatron in inference) span the whole vocab.
+        gathered = per_rank == self.padded_vocab_size
+        first = 0 if gathered else parallel_state.get_tensor_model_parallel_rank() * per_rank
         cols = torch.arange(first, first + per_rank, device=logits.device)
         return logits.masked_fill(cols >= self.vocab_size, float("-inf"))
 
@@ -177,8 +187,11 @@ class Qwen25VLModel(MegatronModule):
         vision_meta: Optional[tuple] = None,
         inference_context=None,
         runtime_gather_output: Optional[bool] = None,
+        return_hidden: bool = False,
     ) -> Tensor:
-        """See the module docstring. THD conveniences: ``input_ids`` / ``labels`` may be ``[T]`` and
+        """See the module docstring. ``return_hidden=True`` makes the last stage return the final-norm
+        hidden states ``[s, b, h]`` instead of logits, for callers that apply the output layer themselves
+        without materialising ``s x b x V`` logits (GRPO's fused log-prob kernel). THD conveniences: ``input_ids`` / ``labels`` may be ``[T]`` and
         ``position_ids`` ``[3, T]`` (the data loader's layout). ``vision_meta``: the packing op's
         ``(cu_seqlens, window_index, cu_window_seqlens, rot_pos_ids)`` for the concatenated image+video
         grids, to skip recomputing them."""
@@ -212,17 +225,27 @@ class Qwen25VLModel(MegatronModule):
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
 
-        out = self.language_model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=mask,
-            decoder_input=decoder_input,
-            labels=None,
-            packed_seq_params=packed_seq_params,
-            inference_context=inference_context,
-            runtime_gather_output=runtime_gather_output,
-        )
-        if not self.post_process:
+        lm = self.language_model
+        # megatron 0.16's GPTModel has no "skip the output layer" switch; with post_process off its
+        # _postprocess returns the decoder output (the final norm lives in the decoder), so flip it here.
+        skip_output_layer = return_hidden and self.post_process
+        if skip_output_layer:
+            lm.post_process = False
+        try:
+            out = lm(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=mask,
+                decoder_input=decoder_input,
+                labels=None,
+                packed_seq_params=packed_seq_params,
+                inference_context=inference_context,
+                runtime_gather_output=runtime_gather_output,
+            )
+        finally:
+            if skip_output_layer:
+                lm.post_process = True
+        if not self.post_process or return_hidden:
             return out
         logits = self._mask_padded_vocab(out)  # [b, s, v/tp]
         if labels is None:
