@@ -27,6 +27,10 @@ def test_activate_is_reversible():
         assert torch.ones(1).cuda().device.type == "cpu"
         assert torch.ones(1).to("cuda").device.type == "cpu"
         torch.cuda.synchronize()
+        # megatron's optimizers assert the CUDA type names
+        assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+        assert torch.ones(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+        assert torch.ones(1).type(torch.float64).dtype == torch.float64  # conversions untouched
         cpu.activate()  # idempotent
         assert not torch.cuda.is_available(), "the runtime must not pretend CUDA exists"
     finally:
@@ -37,6 +41,35 @@ def test_activate_is_reversible():
     with pytest.raises((RuntimeError, AssertionError)):
         torch.zeros(1, device="cuda")
     cpu.deactivate()  # safe twice
+
+
+def test_backward_runs_under_the_mapping():
+    """torch pauses a mode while handling Tensor.backward; python in the backward (custom autograd
+    functions, megatron's activation recompute) must still see CUDA mapped to CPU."""
+
+    class Recompute(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g * torch.full_like(x, 2.0, device="cuda")  # what megatron's recompute path does
+
+    cpu.activate()
+    try:
+        x = torch.ones(3, requires_grad=True)
+        Recompute.apply(x).sum().backward()
+        assert torch.equal(x.grad, torch.full((3,), 2.0))
+        x.grad = None
+        torch.autograd.backward([Recompute.apply(x).sum()], grad_tensors=[torch.tensor(3.0)])
+        assert torch.equal(x.grad, torch.full((3,), 6.0))
+        Recompute.apply(x).sum().backward(inputs=[x])  # inputs= accumulates into x.grad only
+        assert torch.equal(x.grad, torch.full((3,), 8.0))
+    finally:
+        cpu.deactivate()
 
 
 def test_refused_on_cuda_machine(monkeypatch):

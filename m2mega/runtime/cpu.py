@@ -45,6 +45,33 @@ def _to_cpu_device(dev: Any) -> Any:
     return dev
 
 
+def _backward_under_mode(tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None):
+    """``torch.autograd.backward`` with the device mapping active inside the autograd engine.
+
+    torch pauses a mode while it handles a call, so a backward dispatched through the mode would run the
+    whole engine without it, including python in the backward pass (megatron's activation recompute
+    re-runs forwards that allocate ``device="cuda"``). Calling ``torch.autograd.backward`` again from here
+    would re-dispatch to the mode forever, so this runs the same steps as its body (torch's own helpers)
+    with a fresh mode pushed around the engine.
+    """
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    tensors = (tensors,) if torch.is_tensor(tensors) else tuple(tensors)
+    if inputs is None:
+        inputs = ()
+    elif torch.is_tensor(inputs):
+        inputs = (inputs,)
+    else:
+        inputs = tuple(inputs.values()) if isinstance(inputs, dict) else tuple(inputs)
+    grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grad_tensors, len(tensors)), is_grads_batched=False)
+    if retain_graph is None:
+        retain_graph = create_graph
+    with _CudaToCpuMode():
+        _engine_run_backward(tensors, grads, retain_graph, create_graph, inputs, allow_unreachable=True,
+                             accumulate_grad=True)
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites ``device="cuda"`` arguments and ``Tensor.cuda()`` to CPU.
 
@@ -56,6 +83,18 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's optimizers and grad clipping assert param.type() == "torch.cuda.FloatTensor" (and
+            # the Half/BFloat16 variants); report CPU tensors under the CUDA name they stand in for.
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else "torch.cuda." + name[len("torch."):]
+        if func is torch.Tensor.backward:
+            if "gradient" in kwargs:
+                kwargs["grad_tensors"] = kwargs.pop("gradient")
+            return _backward_under_mode(args[0], *args[1:], **kwargs)
+        if func is torch.autograd.backward:
+            kwargs.pop("grad_variables", None)
+            return _backward_under_mode(*args, **kwargs)
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
         if func is torch.Tensor.to and len(args) > 1:

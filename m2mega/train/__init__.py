@@ -1,0 +1,1 @@
+"""Training: config, optimizer/schedule, checkpoints, the megatron-core loop, SFT (and GRPO)."""

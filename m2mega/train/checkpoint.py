@@ -1,0 +1,508 @@
+"""Training checkpoints with megatron-core ``dist_checkpointing``: atomic, rotated, resumable, reshardable.
+
+Layout under ``root``::
+
+    root/iter_0000200/     a complete checkpoint (megatron dist-ckpt files + config.yaml)
+    root/iter_0000300/
+    root/latest            "300", written last (atomically) once iter_0000300 is complete
+
+A save writes into ``iter_XXXXXXX.tmp``, and only when every rank has finished does rank 0 rename it to
+``iter_XXXXXXX`` and then replace ``latest``; a crash at any point leaves the previous checkpoint as the
+newest complete one (resume ignores ``*.tmp``). After a save, rank 0 deletes the oldest complete
+checkpoints beyond ``keep_last`` and stale ``*.tmp`` directories. The checkpoint root must be on a
+filesystem all ranks share (as megatron assumes).
+
+Contents (one ``dist_checkpointing.save`` call):
+
+* ``model`` (``model0``, ``model1``, ... with virtual pipeline chunks): the model's ``sharded_state_dict``:
+  global tensors, so a checkpoint saved at TP2 loads at TP1 (or any TP/PP) for the model weights;
+* ``optimizer``: megatron optimizer state (distributed optimizer: ``checkpoint.optimizer_format``;
+  ``dp_reshardable`` reloads at any DP size with the same TP/PP);
+* ``rng_state``: python/numpy/torch/CUDA generators and megatron's RNG tracker, one object per
+  (pp, tp, dp) rank: restored only when the layout is unchanged;
+* common state (rank 0): iteration, LR scheduler, data-loader position, caller extras, the parallel layout
+  and the run config (also written as ``config.yaml``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import TrainConfig, to_dict, to_yaml
+
+__all__ = [
+    "LoadedCheckpoint",
+    "iter_dirname",
+    "find_latest",
+    "list_checkpoints",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model_weights",
+    "unwrap_model",
+    "get_rng_state",
+    "set_rng_state",
+]
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+FORMAT_VERSION = 1
+_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+
+
+def iter_dirname(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: str
+    iteration: int
+    data_state: Any = None
+    extra: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    saved_layout: dict = field(default_factory=dict)
+    loaded_optimizer: bool = False
+    loaded_rng: bool = False
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
+    """Strip megatron's DDP and Float16Module wrappers: checkpoints hold the bare model's state."""
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    while isinstance(chunk, (DistributedDataParallel, Float16Module)):
+        chunk = chunk.module
+    return chunk
+
+
+def _layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+    }
+
+
+def _model_keys(n: int) -> list[str]:
+    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
+
+
+def _model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> dict:
+    chunks = [unwrap_model(c) for c in model_chunks]
+    return {k: c.sharded_state_dict() for k, c in zip(_model_keys(len(chunks)), chunks)}
+
+
+def _optimizer_sharded_state_dict(optimizer, model_sd: dict, is_loading: bool, fmt: str) -> dict:
+    # The optimizer maps its state onto the model's ShardedTensors by parameter identity.
+    merged: dict = {}
+    for v in model_sd.values():
+        merged.update(v)
+    return optimizer.sharded_state_dict(
+        merged, is_loading=is_loading, metadata={"distrib_optim_sharding_type": fmt}
+    )
+
+
+def get_rng_state() -> dict:
+    """Every generator a training step draws from, so a resumed run draws the same numbers."""
+    from megatron.core import tensor_parallel
+
+    from m2mega.runtime import cpu
+
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available() and not cpu.is_active():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(state: dict | None):
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    # One object per (pp, tp, dp) rank: DP replicas may have drawn different amounts (ragged batches).
+    shape = (
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_data_parallel_world_size(),
+    )
+    offset = (
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_data_parallel_rank(),
+    )
+    return ShardedObject("rng_state", state, shape, offset, replica_id=0)
+
+
+def _is_complete(path: str) -> bool:
+    # dist_checkpointing writes metadata.json last; we rename only after it, so this is belt and braces.
+    return os.path.isfile(os.path.join(path, "metadata.json"))
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under ``root`` as (iteration, path), oldest first."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = _ITER_RE.match(name)
+        path = os.path.join(root, name)
+        if m and os.path.isdir(path) and _is_complete(path):
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+def find_latest(root: str | None) -> tuple[int, str] | None:
+    """Newest complete checkpoint: the one ``latest`` names, else the highest complete ``iter_*``."""
+    if not root or not os.path.isdir(root):
+        return None
+    marker = os.path.join(root, LATEST)
+    if os.path.isfile(marker):
+        try:
+            with open(marker) as f:
+                it = int(f.read().strip())
+            path = os.path.join(root, iter_dirname(it))
+            if _is_complete(path):
+                return it, path
+            log.warning("%s names iteration %d but %s is missing or incomplete; scanning", marker, it, path)
+        except ValueError:
+            log.warning("%s is unreadable; scanning %s for checkpoints", marker, root)
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------- save
+
+
+def save_checkpoint(
+    root: str,
+    iteration: int,
+    model_chunks: Sequence[torch.nn.Module],
+    optimizer=None,
+    scheduler=None,
+    *,
+    cfg: TrainConfig,
+    data_state: Any = None,
+    extra: dict | None = None,
+    keep_last: int | None = None,
+) -> str:
+    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+    from megatron.core import parallel_state as ps
+
+    final = os.path.join(root, iter_dirname(iteration))
+    tmp = final + ".tmp"
+    keep_last = cfg.checkpoint.keep_last if keep_last is None else keep_last
+    if _rank() == 0:
+        exists = _is_complete(final)
+    else:
+        exists = False
+    flag = torch.tensor([1 if exists else 0], dtype=torch.int64)
+    if dist.is_initialized():
+        dist.broadcast(flag, src=0)
+    if flag.item():
+        # Same iteration, same training state: the existing checkpoint already holds it.
+        log.info("checkpoint %s already exists; not re-saving", final)
+        return final
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    _barrier()
+
+    model_sd = _model_sharded_state_dict(model_chunks)
+    state: dict = dict(model_sd)
+    if optimizer is not None:
+        state["optimizer"] = _optimizer_sharded_state_dict(
+            optimizer, model_sd, is_loading=False, fmt=cfg.checkpoint.optimizer_format
+        )
+    state["rng_state"] = _rng_sharded_object(get_rng_state())
+    state["m2mega"] = {
+        "format_version": FORMAT_VERSION,
+        "iteration": int(iteration),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "data": data_state,
+        "extra": dict(extra or {}),
+        "layout": _layout(),
+        "config": to_dict(cfg),
+        "has_optimizer": optimizer is not None,
+        "optimizer_format": cfg.checkpoint.optimizer_format,
+        "distributed_optimizer": cfg.parallel.use_distributed_optimizer,
+    }
+    strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=cfg.checkpoint.save_threads)
+    if ps.get_data_parallel_world_size() > 1:
+        # Spread the writes of replicated tensors over the data-parallel ranks.
+        strategy = FullyParallelSaveStrategyWrapper(
+            strategy, ps.get_data_parallel_group(with_context_parallel=True)
+        )
+    dist_checkpointing.save(state, tmp, sharded_strategy=strategy)  # ends in a barrier
+    if _rank() == 0:
+        _write_atomic(os.path.join(tmp, "config.yaml"), to_yaml(cfg))
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        _write_atomic(os.path.join(root, LATEST), f"{iteration}\n")
+        _fsync_dir(root)
+        _prune(root, keep_last, keep=final)
+    _barrier()
+    return final
+
+
+def _prune(root: str, keep_last: int, keep: str) -> None:
+    for name in os.listdir(root):
+        if name.endswith(".tmp") and _ITER_RE.match(name[: -len(".tmp")]):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # a crashed save's leftovers
+    if keep_last <= 0:
+        return
+    done = list_checkpoints(root)
+    for _, path in done[: max(0, len(done) - keep_last)]:
+        if os.path.abspath(path) != os.path.abspath(keep):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------- load
+
+
+def _read_meta(path: str) -> dict:
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(path)
+    meta = common.get("m2mega") if isinstance(common, dict) else None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not an m2mega training checkpoint (no 'm2mega' common state)")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {meta.get('format_version')} != {FORMAT_VERSION}")
+    return meta
+
+
+def load_model_weights(path: str, model_chunks: Sequence[torch.nn.Module], *, strict: bool = True) -> None:
+    """Load only the model weights of a checkpoint (any TP/PP it was saved with)."""
+    from megatron.core import dist_checkpointing
+
+    model_sd = _model_sharded_state_dict(model_chunks)
+    loaded = dist_checkpointing.load(model_sd, path)
+    for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
+        if key not in loaded:
+            raise ValueError(f"{path} holds no '{key}' state (saved with a different number of model chunks?)")
+        unwrap_model(chunk).load_state_dict(loaded[key], strict=strict)
+
+
+def load_checkpoint(
+    path: str,
+    model_chunks: Sequence[torch.nn.Module],
+    optimizer=None,
+    scheduler=None,
+    *,
+    load_optimizer: bool = True,
+    load_rng: bool = True,
+    optimizer_format: str | None = None,
+) -> LoadedCheckpoint:
+    """Collective. Restores what the current layout allows (see module docstring) and returns the rest.
+
+    Model weights always load (resharded to the current TP/PP). Optimizer state loads when the layout's
+    TP/PP is unchanged, or for optimizer states stored in model space (non-distributed optimizer, or the
+    ``fully_reshardable`` format). RNG state loads only with an identical (TP, PP, DP) layout. Whatever is
+    skipped is logged; the optimizer's master weights are then refreshed from the loaded model.
+    """
+    from megatron.core import dist_checkpointing
+
+    meta = _read_meta(path)
+    if scheduler is not None and meta.get("scheduler") is not None:
+        _check_scheduler(scheduler, meta["scheduler"], path)  # before anything is modified
+    now = _layout()
+    saved = meta["layout"]
+    same_mp = saved["tp"] == now["tp"] and saved["pp"] == now["pp"]
+    same_all = same_mp and saved["dp"] == now["dp"]
+    fmt = optimizer_format or meta.get("optimizer_format", "dp_reshardable")
+    model_space_optim = (not meta.get("distributed_optimizer", True)) or fmt == "fully_reshardable"
+
+    want_optim = optimizer is not None and load_optimizer and meta.get("has_optimizer", False)
+    if want_optim and not (same_mp or model_space_optim):
+        log.warning(
+            "checkpoint %s was saved at TP%d/PP%d, now TP%d/PP%d: the distributed optimizer's %s state does "
+            "not reshard across TP/PP; loading model weights only (fresh optimizer state)",
+            path, saved["tp"], saved["pp"], now["tp"], now["pp"], fmt,
+        )
+        want_optim = False
+    if want_optim and meta.get("distributed_optimizer", True) != _is_distributed(optimizer):
+        log.warning("checkpoint %s optimizer type differs from this run's; not loading optimizer state", path)
+        want_optim = False
+    want_rng = load_rng and same_all
+    if load_rng and not same_all:
+        log.warning("checkpoint %s layout %s != current %s: RNG state not restored", path, saved, now)
+
+    model_sd = _model_sharded_state_dict(model_chunks)
+    request: dict = dict(model_sd)
+    if want_optim:
+        _ensure_torch_adam_state(optimizer)
+        request["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True, fmt=fmt)
+    if want_rng:
+        request["rng_state"] = _rng_sharded_object(None)
+    loaded = dist_checkpointing.load(request, path)
+
+    for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
+        if key not in loaded:
+            raise ValueError(f"{path} holds no '{key}' state (saved with a different number of model chunks?)")
+        unwrap_model(chunk).load_state_dict(loaded[key])
+    if want_optim:
+        # The distributed optimizer copies into views of parameters that require grad.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
+    elif optimizer is not None:
+        optimizer.reload_model_params()  # master weights follow the freshly loaded model weights
+    if scheduler is not None and meta.get("scheduler") is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    if want_rng:
+        set_rng_state(loaded["rng_state"])
+    return LoadedCheckpoint(
+        path=path,
+        iteration=int(meta["iteration"]),
+        data_state=meta.get("data"),
+        extra=dict(meta.get("extra") or {}),
+        config=dict(meta.get("config") or {}),
+        saved_layout=dict(saved),
+        loaded_optimizer=want_optim,
+        loaded_rng=want_rng,
+    )
+
+
+def _check_scheduler(scheduler, state: dict, path: str) -> None:
+    if not scheduler.override_opt_param_scheduler:
+        now = scheduler.state_dict()
+        diff = {k: (state.get(k), now[k]) for k in ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps",
+                                                     "lr_decay_style") if k in state and state[k] != now[k]}
+        if diff:
+            raise ValueError(
+                f"{path}: the LR schedule differs from the config's (saved, now): {diff}. Keep the saved values "
+                f"(e.g. schedule.lr_decay_iters) or set checkpoint.override_scheduler=true to adopt the new one"
+            )
+
+
+def _ensure_torch_adam_state(optimizer) -> None:
+    """Give a never-stepped distributed optimizer the per-parameter state torch's AdamW creates lazily.
+
+    Without TE/apex, megatron-core 0.16.1's ``DistributedOptimizer.state_dict()`` (called to build the
+    *loading* state dict) asserts that all parameters share one ``step`` and fails on a fresh optimizer
+    whose state is still empty. Zero state is exactly what the optimizer would start from, and the load
+    then overwrites all of it.
+    """
+    from megatron.core.optimizer import ChainedOptimizer, DistributedOptimizer
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+    if HAVE_APEX_OR_TE:
+        return
+    opts = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+    for o in opts:
+        inner = getattr(o, "optimizer", None)
+        if not isinstance(o, DistributedOptimizer) or not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            on_device = group.get("capturable", False) or group.get("fused", False)
+            for p in group["params"]:
+                st = inner.state[p]
+                if len(st) == 0:
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Set every parameter's Adam ``step`` to the checkpoint's step, each in its own tensor.
+
+    Two megatron-core 0.16.1 bugs in the distributed optimizer's torch-AdamW fallback (no TE/apex) meet
+    here: ``load_state_dict`` assigns one *shared* ``step`` tensor to all parameters (torch's foreach AdamW
+    then increments it once per parameter per step, so bias correction runs ahead), and the
+    ``dp_reshardable`` parameter-state load copies the loading template's ``step`` (not the saved one)
+    back over it. The saved step survives in each param group's ``step`` (megatron writes it there).
+    Caught by tests/test_checkpoint.py's resume-equality test.
+    """
+    from megatron.core.optimizer import ChainedOptimizer, DistributedOptimizer
+
+    opts = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+    for o in opts:
+        inner = getattr(o, "optimizer", None)
+        if not isinstance(o, DistributedOptimizer) or not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for p in group["params"]:
+                st = inner.state.get(p)
+                if st is not None and isinstance(st.get("step"), torch.Tensor):
+                    old = st["step"]
+                    st["step"] = torch.tensor(float(group["step"]), dtype=old.dtype, device=old.device)
+
+
+def _is_distributed(optimizer) -> bool:
+    from megatron.core.optimizer import ChainedOptimizer, DistributedOptimizer
+
+    opts = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+    return any(isinstance(o, DistributedOptimizer) for o in opts)

@@ -1,0 +1,542 @@
+"""One training configuration for SFT and GRPO: dataclass sections, YAML in, ``--section.key=value`` flags.
+
+::
+
+    cfg = load_config("examples/qwen25vl_7b/sft.yaml", ["--parallel.tp=4", "--schedule.train_iters", "100"])
+    print(to_yaml(cfg))          # printed in full at start; the same YAML is saved with every checkpoint
+
+Every key is checked: an unknown key is an error that names it (with the closest known key), a value of
+the wrong type names the key and the expected type, and cross-field rules (warmup shorter than the decay,
+global batch divisible by micro batch x data-parallel size, ...) are checked in :func:`validate` so a bad
+run fails before it builds a model. Defaults are the CPU demo's; ``examples/qwen25vl_7b/*.yaml`` hold the
+7B values next to the paper's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Sequence
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "ParallelConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "CheckpointConfig",
+    "LoggingConfig",
+    "DataConfig",
+    "SFTConfig",
+    "GRPOConfig",
+    "TrainConfig",
+    "from_dict",
+    "to_dict",
+    "to_yaml",
+    "load_config",
+    "apply_overrides",
+    "validate",
+    "num_microbatches",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+@dataclass
+class ModelConfig:
+    # "gpt": megatron-core GPTModel (Qwen2.5-shaped stand-in); other families are registered by
+    # m2mega.train.sft.register_model_family (the Qwen2.5-VL model registers "qwen25vl").
+    family: str = "gpt"
+    preset: Optional[str] = None  # a named architecture of the family (e.g. a Qwen2.5-VL size)
+    num_layers: int = 4
+    hidden_size: int = 48
+    num_attention_heads: int = 6
+    num_query_groups: int = 2
+    ffn_hidden_size: int = 88
+    vocab_size: int = 130
+    max_position_embeddings: int = 256
+    rotary_base: float = 1_000_000.0
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    untie_embeddings: bool = True  # Qwen2.5-7B unties input and output embeddings
+    # Activation recompute: "selective" recomputes core attention only, "full" whole layers.
+    recompute: Literal["none", "selective", "full"] = "none"
+    recompute_num_layers: int = 1  # layers per recompute chunk ("full", method "uniform")
+    freeze_vision: bool = False  # parameters under `vision_prefix` get no gradient and no optimizer state
+    vision_prefix: str = "vision_model."
+    init_from: Optional[str] = None  # a dist checkpoint (dir) whose model weights initialise the run
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    sequence_parallel: bool = False  # needs tp > 1
+    use_distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False  # needs the distributed optimizer
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, gloo without
+    timeout_s: float = 1800.0
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["adam", "sgd"] = "adam"  # adam = AdamW (decoupled weight decay)
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    lr_warmup_init: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    sgd_momentum: float = 0.9
+    clip_grad: float = 1.0  # global L2 norm; 0 disables clipping
+    # "auto": bf16 on GPU, fp32 on CPU. Master weights and grads stay fp32 either way.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+
+
+@dataclass
+class ScheduleConfig:
+    train_iters: int = 100
+    micro_batch_size: int = 1  # rows per micro-batch (a THD-packed micro-batch is one row)
+    global_batch_size: int = 1  # micro_batch_size x data-parallel size x micro-batches per step
+    seq_length: int = 64
+    lr_warmup_iters: int = 0
+    lr_decay_iters: Optional[int] = None  # None: train_iters
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+
+
+@dataclass
+class CheckpointConfig:
+    save_dir: Optional[str] = None
+    save_interval: int = 0  # iterations between saves; 0: only at the end (when save_at_end)
+    save_at_end: bool = True
+    keep_last: int = 2  # complete checkpoints kept (older ones are deleted after a save); 0 keeps all
+    load_dir: Optional[str] = None  # resume from here; None: from save_dir
+    resume: bool = True  # continue from the newest complete checkpoint if there is one
+    load_optimizer: bool = True
+    load_rng: bool = True
+    # A resumed run must keep the LR schedule it was saved with (changed lr/warmup/decay is an error)
+    # unless this is set: then the config's schedule replaces the checkpoint's at the saved step count.
+    override_scheduler: bool = False
+    # Distributed-optimizer state layout: "dp_reshardable" (any DP size; same TP/PP) or
+    # "fully_reshardable" (any layout; needs TE/apex FusedAdam in megatron-core 0.16.1).
+    optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    save_threads: int = 2  # writer processes per rank
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    tensorboard_dir: Optional[str] = None
+    progress: Literal["tqdm", "rich", "plain", "none"] = "tqdm"
+    # Peak dense FLOP/s of one device in TFLOP/s for the MFU estimate (H100 SXM bf16: 989);
+    # None: 989 on CUDA, no MFU on CPU.
+    peak_tflops: Optional[float] = None
+
+
+@dataclass
+class DataConfig:
+    source: Literal["packed", "synthetic"] = "synthetic"  # synthetic: token batches for the GPT stand-in
+    train_prefix: Optional[str] = None  # PREFIX of PREFIX.bin / PREFIX.idx from tools/preprocess_data.py
+    valid_prefix: Optional[str] = None
+    # Paper switch: "curriculum" keeps the preprocessed ascending-difficulty order, "shuffle" reshuffles
+    # every epoch, "bucket_shuffle" shuffles inside difficulty buckets (easy buckets first).
+    order: Literal["curriculum", "shuffle", "bucket_shuffle"] = "curriculum"
+    num_buckets: int = 10
+    num_workers: int = 0
+    seed: int = 1234
+
+
+@dataclass
+class SFTConfig:
+    eval_interval: int = 0  # iterations between validation passes; 0: none
+    eval_iters: int = 1  # global batches per validation pass
+
+
+@dataclass
+class GRPOConfig:
+    prompts_per_step: int = 8  # global: prompts per optimizer step (each with group_size rollouts)
+    group_size: int = 8  # G
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024  # paper: completion length limit 1024
+    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2
+    # KL to the frozen reference (k3 estimator): "cosine" anneals beta_max -> beta_min (paper Eq. 7),
+    # "constant" uses beta.
+    kl_schedule: Literal["cosine", "constant"] = "cosine"
+    beta: float = 0.001
+    beta_min: float = 0.0
+    beta_max: float = 0.001
+    # Advantage weighting: "dynamic" w = sigma * acc * (1 - acc) per prompt group (paper Eq. 6).
+    advantage_weighting: Literal["dynamic", "static"] = "dynamic"
+    sigma: float = 4.0  # 4.0 makes the peak weight (acc = 0.5) exactly 1
+    adv_eps: float = 1e-6
+    drop_zero_variance: bool = True  # groups whose rollouts all score the same carry no signal
+    # Spatial numeric answers: "ednm" smooth reward R = gamma * exp(-lambda * rel. error) (paper Eq. 9)
+    # or "binary" exact match.
+    numeric_reward: Literal["ednm", "binary"] = "ednm"
+    ednm_lambda: float = 2.0
+    ednm_gamma: float = 1.0
+    format_weight: float = 0.1
+    repetition_penalty: bool = False  # n-gram repetition penalty (the paper's failure mode)
+    repetition_weight: float = 0.5
+    reward_overrides: dict = field(default_factory=dict)  # {task: {TaskRewardConfig field: value}}
+    updates_per_rollout: int = 1  # optimizer steps on each batch of rollouts
+
+    def reward_config_dict(self) -> dict:
+        """The ``m2mega.rewards.RewardConfig.from_dict`` input these switches describe."""
+        out: dict = {
+            "default": {
+                "format_weight": self.format_weight,
+                "repetition_penalty": self.repetition_penalty,
+                "repetition_weight": self.repetition_weight,
+            },
+            "spatial": {
+                "numeric": self.numeric_reward,
+                "ednm_lambda": self.ednm_lambda,
+                "ednm_gamma": self.ednm_gamma,
+            },
+        }
+        for task, over in self.reward_overrides.items():
+            out.setdefault(task, {}).update(over)
+        return out
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "m2mega"
+    mode: Literal["sft", "grpo"] = "sft"
+    seed: int = 1234
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+
+
+# ----------------------------------------------------------------------------------------- coercion
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or a flag) to ``tp`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{key}: expected a boolean, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+            try:
+                f = float(value)  # "1e3" style integers
+            except ValueError:
+                f = math.nan
+            if math.isfinite(f) and f.is_integer():
+                return int(f)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            f = float(value)
+        elif isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        else:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(f):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return f
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{key}: expected a mapping, could not parse {value!r}: {e}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")  # a bug in this module, not in the config
+
+
+def _unknown(key: str, known: Sequence[str]) -> ConfigError:
+    near = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f" (did you mean '{key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{near[0]}'?)" if near else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in hints:
+            raise _unknown(key, names)
+        tp = hints[k]
+        kwargs[k] = _build(tp, v, key + ".") if _is_section(tp) else _coerce(v, tp, key)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict | None) -> TrainConfig:
+    """Build and validate a config from a nested mapping (as read from YAML)."""
+    cfg = _build(TrainConfig, data or {}, "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+# ----------------------------------------------------------------------------------------- overrides
+
+
+def _split_flags(flags: Sequence[str]) -> list[tuple[str, str]]:
+    """``--a.b=v`` or ``--a.b v`` -> [("a.b", "v")]."""
+    out, i = [], 0
+    flags = list(flags)
+    while i < len(flags):
+        f = flags[i]
+        if not f.startswith("--") or len(f) <= 2:
+            raise ConfigError(f"expected a '--section.key=value' flag, got {f!r}")
+        body = f[2:]
+        if "=" in body:
+            k, v = body.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(flags):
+                raise ConfigError(f"flag --{body} has no value")
+            k, v = body, flags[i + 1]
+            i += 2
+        out.append((k.replace("-", "_"), v))
+    return out
+
+
+def apply_overrides(data: dict, flags: Sequence[str]) -> dict:
+    """Apply ``--section.key=value`` flags to a nested mapping (values parsed as YAML scalars)."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (data or {}).items()}
+    for key, raw in _split_flags(flags):
+        parts = key.split(".")
+        cls: Any = TrainConfig
+        node = data
+        for depth, p in enumerate(parts):
+            hints = typing.get_type_hints(cls)
+            path = ".".join(parts[: depth + 1])
+            if p not in hints:
+                raise _unknown(path, [f.name for f in dataclasses.fields(cls)])
+            tp = hints[p]
+            last = depth == len(parts) - 1
+            if _is_section(tp):
+                if last:
+                    raise ConfigError(f"'{path}' is a section; set one of its keys (--{path}.<key>=...)")
+                sub = node.get(p)
+                node[p] = dict(sub) if isinstance(sub, dict) else {}
+                node, cls = node[p], tp
+            else:
+                if not last:
+                    raise _unknown(path + "." + parts[depth + 1], [])
+                try:
+                    value = yaml.safe_load(raw) if raw.strip() else raw
+                except yaml.YAMLError:
+                    value = raw
+                if typing.get_origin(tp) is not dict and isinstance(value, (dict, list)):
+                    value = raw  # e.g. a path that looks like flow YAML stays a string
+                node[p] = value
+    return data
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """YAML file (optional) + ``--section.key=value`` flags -> validated :class:`TrainConfig`."""
+    data: dict = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
+    try:
+        return from_dict(apply_overrides(data, overrides))
+    except ConfigError as e:
+        where = f" (in {path})" if path else ""
+        raise ConfigError(f"{e}{where}") from None
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
+    """Cross-field rules. With ``world_size`` also the layout rules that need it (divisibility)."""
+    m, p, o, s, c, lg, d, g = (cfg.model, cfg.parallel, cfg.optimizer, cfg.schedule, cfg.checkpoint,
+                               cfg.logging, cfg.data, cfg.grpo)  # fmt: skip
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                 "vocab_size", "max_position_embeddings", "recompute_num_layers"):  # fmt: skip
+        _check(getattr(m, name) >= 1, f"model.{name} must be >= 1, got {getattr(m, name)}")
+    _check(m.hidden_size % m.num_attention_heads == 0,
+           f"model.hidden_size {m.hidden_size} is not divisible by model.num_attention_heads {m.num_attention_heads}")
+    _check(m.num_attention_heads % m.num_query_groups == 0,
+           f"model.num_attention_heads {m.num_attention_heads} is not divisible by "
+           f"model.num_query_groups {m.num_query_groups}")
+    for name in ("hidden_dropout", "attention_dropout"):
+        _check(0.0 <= getattr(m, name) < 1.0, f"model.{name} must be in [0, 1), got {getattr(m, name)}")
+    _check(p.tp >= 1 and p.pp >= 1, f"parallel.tp and parallel.pp must be >= 1, got tp={p.tp} pp={p.pp}")
+    _check(m.num_attention_heads % p.tp == 0 and m.num_query_groups % p.tp == 0,
+           f"parallel.tp={p.tp} must divide model.num_attention_heads ({m.num_attention_heads}) and "
+           f"model.num_query_groups ({m.num_query_groups})")
+    _check(m.num_layers >= p.pp, f"model.num_layers {m.num_layers} < parallel.pp {p.pp}")
+    _check(m.family != "gpt" or m.vocab_size % p.tp == 0,
+           f"model.vocab_size {m.vocab_size} is not divisible by parallel.tp {p.tp} (the output layer is split "
+           f"by vocabulary)")
+    _check(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel needs parallel.tp > 1")
+    _check(not p.overlap_param_gather or p.use_distributed_optimizer,
+           "parallel.overlap_param_gather needs parallel.use_distributed_optimizer")
+    _check(p.timeout_s > 0, f"parallel.timeout_s must be > 0, got {p.timeout_s}")
+    _check(o.lr >= 0 and 0 <= o.min_lr <= o.lr, f"need 0 <= optimizer.min_lr ({o.min_lr}) <= optimizer.lr ({o.lr})")
+    _check(0 <= o.lr_warmup_init <= o.lr, f"optimizer.lr_warmup_init {o.lr_warmup_init} must be in [0, lr]")
+    _check(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
+    _check(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "optimizer.adam_beta1/adam_beta2 must be in [0, 1)")
+    _check(o.adam_eps > 0, f"optimizer.adam_eps must be > 0, got {o.adam_eps}")
+    _check(o.clip_grad >= 0, f"optimizer.clip_grad must be >= 0, got {o.clip_grad}")
+    _check(o.optimizer == "adam" or not p.use_distributed_optimizer,
+           "optimizer.optimizer 'sgd' needs parallel.use_distributed_optimizer=false (megatron's distributed "
+           "optimizer supports Adam only)")
+    _check(s.train_iters >= 1, f"schedule.train_iters must be >= 1, got {s.train_iters}")
+    _check(s.micro_batch_size >= 1 and s.global_batch_size >= 1, "schedule batch sizes must be >= 1")
+    _check(s.global_batch_size % s.micro_batch_size == 0,
+           f"schedule.global_batch_size {s.global_batch_size} is not divisible by "
+           f"schedule.micro_batch_size {s.micro_batch_size}")
+    _check(s.seq_length >= 2, f"schedule.seq_length must be >= 2, got {s.seq_length}")
+    _check(s.seq_length <= m.max_position_embeddings or m.family != "gpt",
+           f"schedule.seq_length {s.seq_length} > model.max_position_embeddings {m.max_position_embeddings}")
+    decay = s.lr_decay_iters if s.lr_decay_iters is not None else s.train_iters
+    _check(decay >= 1, f"schedule.lr_decay_iters must be >= 1, got {decay}")
+    _check(0 <= s.lr_warmup_iters < decay,
+           f"schedule.lr_warmup_iters ({s.lr_warmup_iters}) must be < the decay length ({decay})")
+    _check(c.save_interval >= 0 and c.keep_last >= 0 and c.save_threads >= 1,
+           "checkpoint.save_interval/keep_last must be >= 0 and checkpoint.save_threads >= 1")
+    _check(lg.log_interval >= 1, f"logging.log_interval must be >= 1, got {lg.log_interval}")
+    _check(lg.peak_tflops is None or lg.peak_tflops > 0, f"logging.peak_tflops must be > 0, got {lg.peak_tflops}")
+    _check(d.source != "packed" or d.train_prefix, "data.source 'packed' needs data.train_prefix")
+    _check(d.num_workers >= 0 and d.num_buckets >= 1, "data.num_workers must be >= 0, data.num_buckets >= 1")
+    _check(cfg.sft.eval_interval >= 0 and cfg.sft.eval_iters >= 1, "sft.eval_interval >= 0, sft.eval_iters >= 1")
+    _check(g.group_size >= 2, f"grpo.group_size must be >= 2 (advantages are group-relative), got {g.group_size}")
+    _check(g.prompts_per_step >= 1, f"grpo.prompts_per_step must be >= 1, got {g.prompts_per_step}")
+    _check(g.temperature > 0, f"grpo.temperature must be > 0, got {g.temperature}")
+    _check(0 < g.top_p <= 1, f"grpo.top_p must be in (0, 1], got {g.top_p}")
+    _check(g.max_new_tokens >= 1, f"grpo.max_new_tokens must be >= 1, got {g.max_new_tokens}")
+    _check(0 <= g.clip_low < 1 and g.clip_high >= 0, f"grpo clip range: need 0 <= clip_low < 1, clip_high >= 0")
+    _check(0 <= g.beta_min <= g.beta_max and g.beta >= 0,
+           f"grpo: need 0 <= beta_min ({g.beta_min}) <= beta_max ({g.beta_max}) and beta >= 0")
+    _check(g.sigma > 0 and g.adv_eps > 0, "grpo.sigma and grpo.adv_eps must be > 0")
+    _check(g.ednm_lambda >= 0 and g.ednm_gamma >= 0, "grpo.ednm_lambda and grpo.ednm_gamma must be >= 0")
+    _check(g.updates_per_rollout >= 1, f"grpo.updates_per_rollout must be >= 1, got {g.updates_per_rollout}")
+    for task, over in g.reward_overrides.items():
+        _check(isinstance(over, dict), f"grpo.reward_overrides.{task} must be a mapping, got {over!r}")
+    try:  # the reward module owns its own field checks; surface them as config errors here
+        from m2mega.rewards import RewardConfig
+    except ImportError:
+        RewardConfig = None
+    if RewardConfig is not None:
+        try:
+            RewardConfig.from_dict(g.reward_config_dict())
+        except ValueError as e:
+            raise ConfigError(f"grpo reward settings: {e}") from None
+    if world_size is not None:
+        mp = p.tp * p.pp
+        _check(world_size % mp == 0, f"world size {world_size} is not divisible by tp x pp = {p.tp} x {p.pp}")
+        dp = world_size // mp
+        _check(s.global_batch_size % (s.micro_batch_size * dp) == 0,
+               f"schedule.global_batch_size {s.global_batch_size} is not divisible by micro_batch_size "
+               f"{s.micro_batch_size} x data-parallel size {dp}")
+        _check(cfg.mode != "grpo" or g.prompts_per_step % dp == 0,
+               f"grpo.prompts_per_step {g.prompts_per_step} is not divisible by data-parallel size {dp}")
+
+
+def num_microbatches(cfg: TrainConfig, dp_size: int) -> int:
+    """Micro-batches per optimizer step on each data-parallel rank."""
+    s = cfg.schedule
+    return s.global_batch_size // (s.micro_batch_size * dp_size)
