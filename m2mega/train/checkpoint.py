@@ -128,6 +128,14 @@ def _optimizer_sharded_state_dict(optimizer, model_sd: dict, is_loading: bool, f
     )
 
 
+def _optimizer_has_stepped(optimizer) -> bool:
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(o, "optimizer", o)
+        if any(len(st) for st in getattr(inner, "state", {}).values()):
+            return True
+    return False
+
+
 def get_rng_state() -> dict:
     """Every generator a training step draws from, so a resumed run draws the same numbers."""
     from megatron.core import tensor_parallel
@@ -279,6 +287,10 @@ def save_checkpoint(
 
     model_sd = _model_sharded_state_dict(model_chunks)
     state: dict = dict(model_sd)
+    # An optimizer that never stepped has no state to save (megatron's distributed optimizer asserts on
+    # it): e.g. GRPO steps whose rollouts all scored alike. The checkpoint then records none.
+    if optimizer is not None and not _optimizer_has_stepped(optimizer):
+        optimizer = None
     if optimizer is not None:
         state["optimizer"] = _optimizer_sharded_state_dict(
             optimizer, model_sd, is_loading=False, fmt=cfg.checkpoint.optimizer_format

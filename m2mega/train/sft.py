@@ -188,24 +188,7 @@ def sft_data_provider(cfg: TrainConfig, split: str):
 # ----------------------------------------------------------------------------------------- model
 
 
-@dataclass(frozen=True)
-class ModelFamily:
-    provider: Callable[[TrainConfig], Any]
-    flops_per_token: Optional[Callable[[TrainConfig], float]] = None
-
-
-_FAMILIES: dict[str, ModelFamily] = {}
-
-
-def register_model_family(name: str, provider: Callable[[TrainConfig], Any],
-                          flops_per_token: Optional[Callable[[TrainConfig], float]] = None) -> None:
-    _FAMILIES[name] = ModelFamily(provider, flops_per_token)
-
-
-def get_model_family(name: str) -> ModelFamily:
-    if name not in _FAMILIES:
-        raise ValueError(f"unknown model.family {name!r}; registered: {sorted(_FAMILIES)}")
-    return _FAMILIES[name]
+from .families import ModelFamily, get_model_family, register_model_family  # noqa: E402 (re-exported)
 
 
 class _RMSNorm(torch.nn.RMSNorm):

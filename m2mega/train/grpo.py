@@ -1,0 +1,352 @@
+"""Multi-task GRPO with verifiable rewards: ``python -m m2mega.train.grpo --config grpo.yaml [--k=v ...]``.
+
+One step (every rank of a replica does the same; DP replicas take different prompts):
+
+1. prompts of this step from the RL set (``PromptDataset``: curriculum order or shuffled, a config switch);
+2. ``group_size`` rollouts per prompt with the KV-cache generator (temperature / top-p / max new tokens);
+3. rewards per rollout (``m2mega.rewards``: answer extraction, choice / numeric / math match, EDNM for
+   spatial numbers, format, optional repetition penalty), per task;
+4. group-relative advantages ``(r - mean) / (std + eps)``; zero-variance groups dropped or kept; dynamic
+   sampling draws extra prompts while too few informative groups are left; Eq. 6 weights
+   ``w = sigma * acc * (1 - acc)`` per group (or 1: static);
+5. reference log-probs from the frozen reference model when beta > 0 (KL coefficient from Eq. 7's cosine
+   schedule or constant); old-policy log-probs from a forward-only pass when the rollouts are used for
+   more than one update (with one update, pi_old == pi_theta and the policy's own detached log-probs are
+   exact, which saves a forward pass);
+6. ``updates_per_rollout`` optimizer steps through ``Trainer.train_step`` with the fused log-prob + GRPO
+   loss (:mod:`m2mega.train.grpo_update`).
+
+Per-task metrics (reward, accuracy, response length, repetition rate) plus clip fraction, KL, entropy and
+the step's filtering counts go to TensorBoard and the progress line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from m2mega.rewards import RewardConfig
+from m2mega.rl import KLSchedule, group_advantages, group_weights
+
+from .config import TrainConfig, load_config, to_yaml
+from .grpo_update import make_forward_step, split_into_microbatches
+from .loop import Trainer
+from .rollout import Rollouts, generate_rollouts, score_rollouts
+
+__all__ = ["GRPORunner", "StepStats", "task_metrics", "run_grpo", "main"]
+
+
+@dataclass
+class StepStats:
+    iteration: int
+    beta: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_task: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def task_metrics(rollouts: Rollouts) -> dict[str, dict[str, float]]:
+    """Per-task means of reward, accuracy, correctness, response length and repetition rate."""
+    acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    tasks = rollouts.tasks()
+    for i, task in enumerate(tasks):
+        for key in (task, "all"):
+            d = acc[key]
+            d["reward"].append(float(rollouts.rewards[i]))
+            d["accuracy"].append(float(rollouts.accuracy[i]))
+            d["correct"].append(float(rollouts.correct[i]))
+            d["format"].append(float(rollouts.format_ok[i]))
+            d["response_len"].append(float(rollouts.response_tokens[i].numel()))
+            d["repetition"].append(float(rollouts.repetition[i]))
+    return {t: {k: sum(v) / len(v) for k, v in d.items()} for t, d in acc.items()}
+
+
+class GRPORunner:
+    """Drives GRPO steps on top of a :class:`Trainer` (optimizer, checkpoints, logging).
+
+    ``prompts(step) -> list[RLPrompt]`` gives this rank's prompts of a step (and, for dynamic sampling,
+    of later "refill" draws); ``decode(ids) -> str`` detokenises responses; ``ref_model`` is the frozen
+    reference (None when beta is 0 throughout).
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        trainer: Trainer,
+        prompts: Callable[[int], list],
+        decode: Callable[[list[int]], str],
+        *,
+        eos_token_id: int | list[int],
+        pad_token_id: int,
+        ref_model: Optional[torch.nn.Module] = None,
+    ) -> None:
+        g = cfg.grpo
+        self.cfg, self.trainer, self.prompts, self.decode = cfg, trainer, prompts, decode
+        self.eos, self.pad = eos_token_id, pad_token_id
+        self.reward_config = RewardConfig.from_dict(g.reward_config_dict())
+        if g.kl_schedule == "cosine":
+            self.kl = KLSchedule("cosine", total_steps=cfg.schedule.train_iters, beta_min=g.beta_min,
+                                 beta_max=g.beta_max)
+        else:
+            self.kl = KLSchedule("constant", beta=g.beta)
+        self.ref_model = ref_model
+        self.refill_draws = 0  # prompts drawn beyond the regular schedule by dynamic sampling
+        trainer.register_state("grpo_refill_draws", lambda: self.refill_draws,
+                               lambda v: setattr(self, "refill_draws", int(v)))
+        if self.ref_model is None and (g.beta_max > 0 if g.kl_schedule == "cosine" else g.beta > 0):
+            raise ValueError("a KL coefficient > 0 needs ref_model (the frozen reference policy)")
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def policy(self):
+        return self.trainer.model[0]
+
+    def _rollouts(self, prompts, seed: int) -> Rollouts:
+        g = self.cfg.grpo
+        for chunk in self.trainer.model:
+            chunk.eval()
+        try:
+            r = generate_rollouts(self.policy, prompts, group_size=g.group_size, max_new_tokens=g.max_new_tokens,
+                                  temperature=g.temperature, top_p=g.top_p, eos_token_id=self.eos,
+                                  pad_token_id=self.pad, seed=seed)
+        finally:
+            for chunk in self.trainer.model:
+                chunk.train()
+        return score_rollouts(r, self.decode, self.reward_config)
+
+    def _advantages(self, r: Rollouts):
+        g = self.cfg.grpo
+        G = g.group_size
+        rewards = r.rewards.view(-1, G)
+        adv, keep = group_advantages(rewards, eps=g.adv_eps, drop_zero_variance=g.drop_zero_variance)
+        w = group_weights(r.accuracy.view(-1, G).clamp(0, 1), g.advantage_weighting, g.sigma)
+        return adv.reshape(-1), keep, w.repeat_interleave(G)
+
+    def _collect(self, step: int) -> tuple[Rollouts, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """Rollouts of this step; with dynamic sampling, extra prompts while too many groups are degenerate."""
+        g = self.cfg.grpo
+        r = self._rollouts(self.prompts(step), seed=self.cfg.seed * 1_000_003 + step)
+        adv, keep, w = self._advantages(r)
+        info = {"groups": float(keep.numel()), "degenerate_groups": float((~keep).sum())}
+        extra_rounds = getattr(g, "max_refill_rounds", 0)
+        rounds = 0
+        while g.drop_zero_variance and rounds < extra_rounds and keep.float().mean() < 0.5:
+            rounds += 1
+            self.refill_draws += 1
+            more = self._rollouts(self.prompts(10_000_000 + self.refill_draws),
+                                  seed=self.cfg.seed * 1_000_003 + 10_000_000 + self.refill_draws)
+            a2, k2, w2 = self._advantages(more)
+            r = _concat_rollouts(r, more)
+            adv, keep, w = torch.cat([adv, a2]), torch.cat([keep, k2]), torch.cat([w, w2])
+        info["refill_rounds"] = float(rounds)
+        return r, adv, keep, w, info
+
+    @torch.no_grad()
+    def _forward_logprobs(self, model, mbs) -> list[torch.Tensor]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        record: list[torch.Tensor] = []
+        fs = make_forward_step(temperature=self.cfg.grpo.temperature, clip_low=0, clip_high=0, dual_clip=None,
+                               beta=0.0, logprob_only=True, record=record)
+        was_training = model.training
+        model.eval()
+        try:
+            get_forward_backward_func()(forward_step_func=fs, data_iterator=iter(mbs), model=[model],
+                                        num_microbatches=len(mbs), seq_length=max(m.num_tokens for m in mbs),
+                                        micro_batch_size=1, forward_only=True)
+        finally:
+            model.train(was_training)
+        return record
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> StepStats:
+        """One rollout step = ``updates_per_rollout`` optimizer updates (verl's mini-batches): the kept
+        prompt groups are split into that many parts, each one optimizer step. ``trainer.iteration``
+        counts optimizer updates, so ``schedule.train_iters`` = rollout steps x updates_per_rollout."""
+        g = self.cfg.grpo
+        U = max(1, int(g.updates_per_rollout))
+        it = self.trainer.iteration
+        beta = float(self.kl(it))
+        r, adv, keep, w, info = self._collect(it // U)
+        G = g.group_size
+        stats = StepStats(iteration=it + U, beta=beta, per_task=task_metrics(r))
+        stats.metrics.update(info)
+        groups = [k for k in range(keep.numel()) if bool(keep[k])]
+        parts = [groups[i::U] for i in range(U)] if len(groups) >= U else [[k] for k in groups]
+        parts = [sorted(p) for p in parts if p]
+        dev = _device()
+        batches = [
+            [m.to(dev) for m in split_into_microbatches(r, [k * G + j for k in part for j in range(G)],
+                                                        self.cfg.schedule.seq_length, adv, w)]
+            for part in parts
+        ]
+        flat = [m for b in batches for m in b]
+        if flat and beta != 0.0:
+            for m, lp in zip(flat, self._forward_logprobs(self.ref_model, flat)):
+                m.ref_logp = lp
+        if len(batches) > 1:
+            # Later parts are updated by an already-updated policy: they need pi_old from before the first
+            # update. With a single update pi_old == pi_theta, and the policy's detached log-probs are exact.
+            for m, lp in zip(flat, self._forward_logprobs(self.policy, flat)):
+                m.old_logp = lp
+        fs = make_forward_step(temperature=g.temperature, clip_low=g.clip_low, clip_high=g.clip_high,
+                               dual_clip=getattr(g, "dual_clip", None), beta=beta)
+        sums: dict[str, float] = defaultdict(float)
+        for mbs in batches:
+            res = self.trainer.train_step(iter(mbs), fs, num_microbatches=len(mbs))
+            for k, v in res.metrics.items():
+                sums[k] += float(v) / len(batches)
+            if res.grad_norm is not None:
+                sums["grad_norm"] += float(res.grad_norm) / len(batches)
+        stats.metrics.update(sums)
+        # Updates that had no data (too few informative groups) still count, keeping the schedule aligned.
+        self.trainer.iteration = it + U
+        stats.metrics["updates"] = float(len(batches))
+        stats.metrics["beta"] = beta
+        self._log(stats)
+        return stats
+
+    def _log(self, stats: StepStats) -> None:
+        w = self.trainer._writer
+        if w is None:
+            return
+        for task, d in stats.per_task.items():
+            for k, v in d.items():
+                w.add_scalar(f"rollout/{task}/{k}", v, stats.iteration)
+        for k, v in stats.metrics.items():
+            if math.isfinite(v):
+                w.add_scalar(f"grpo/{k}", v, stats.iteration)
+
+
+def _concat_rollouts(a: Rollouts, b: Rollouts) -> Rollouts:
+    if a.group_size != b.group_size:
+        raise ValueError("cannot merge rollouts of different group sizes")
+    cat = lambda x, y: None if x is None else torch.cat([x, y])  # noqa: E731
+    return Rollouts(
+        prompts=a.prompts + b.prompts,
+        group_size=a.group_size,
+        response_tokens=a.response_tokens + b.response_tokens,
+        finished=torch.cat([a.finished, b.finished]),
+        rollout_logprobs=(a.rollout_logprobs + b.rollout_logprobs) if a.rollout_logprobs and b.rollout_logprobs
+        else None,
+        texts=a.texts + b.texts,
+        rewards=cat(a.rewards, b.rewards),
+        accuracy=cat(a.accuracy, b.accuracy),
+        correct=cat(a.correct, b.correct),
+        format_ok=cat(a.format_ok, b.format_ok),
+        repetition=cat(a.repetition, b.repetition),
+    )
+
+
+def _device() -> torch.device:
+    from m2mega.runtime import device
+
+    return device()
+
+
+def frozen_copy(model: torch.nn.Module, provider: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """The reference policy: a fresh build of the same stage (``provider()``) holding ``model``'s weights,
+    with gradients off. (A deepcopy would copy megatron's process-group handles, which cannot be copied.)"""
+    from m2mega.inference.generate import unwrap_model
+
+    ref = provider()
+    ref.load_state_dict(unwrap_model(model).state_dict())
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()
+
+
+def _prompt_order(order: str) -> str:
+    # the preprocessed files are already in curriculum order: read them sequentially
+    return {"curriculum": "sequential"}.get(order, order)
+
+
+def run_grpo(cfg: TrainConfig, *, eval_prefix: Optional[str] = None) -> dict:
+    """Initialise the runtime, build policy + reference + data, run ``schedule.train_iters`` GRPO steps.
+
+    Returns ``{"history": [StepStats...], "eval": {...} or None}`` on every rank."""
+    import m2mega.runtime as rt
+    from megatron.core import parallel_state as ps
+
+    from m2mega.data.loader import PromptDataset
+
+    from . import vlm
+    from .families import get_model_family
+
+    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    if cfg.parallel.tp * cfg.parallel.pp > world:
+        raise ValueError(f"TP{cfg.parallel.tp} x PP{cfg.parallel.pp} needs at least that many ranks, got {world}")
+    backend = None if cfg.parallel.backend == "auto" else cfg.parallel.backend
+    rt.init(cfg.parallel.tp, cfg.parallel.pp, backend=backend, seed=cfg.seed, timeout_s=cfg.parallel.timeout_s)
+    if not cfg.data.train_prefix:
+        raise ValueError("data.train_prefix must name the preprocessed RL prompts (tools/preprocess_data.py)")
+    tok = vlm.tokenizer_from_prefix(cfg.data.train_prefix)
+    prompts = PromptDataset(cfg.data.train_prefix, cfg.grpo.prompts_per_step, dp_rank=ps.get_data_parallel_rank(),
+                            dp_size=ps.get_data_parallel_world_size(), order=_prompt_order(cfg.data.order),
+                            seed=cfg.data.seed, num_buckets=cfg.data.num_buckets)
+    fam = get_model_family(cfg.model.family)
+    trainer = Trainer(cfg, fam.provider, flops_per_token=fam.flops_per_token)
+    if dist.get_rank() == 0:
+        print("# m2mega GRPO\n# config\n" + to_yaml(cfg), flush=True)
+    g = cfg.grpo
+    needs_ref = (g.beta_max if g.kl_schedule == "cosine" else g.beta) > 0
+    # The reference is the policy we start from (model.init_from), copied before any resume.
+    ref = frozen_copy(trainer.model[0], lambda: fam.provider(cfg)) if needs_ref else None
+    runner = GRPORunner(cfg, trainer, prompts.prompts, lambda ids: tok.decode(ids, skip_special_tokens=True),
+                        eos_token_id=[tok.eos_id, tok.endoftext_id], pad_token_id=tok.pad_id, ref_model=ref)
+    trainer.resume()
+    history: list[StepStats] = []
+    trainer.start_progress(cfg.schedule.train_iters)
+    try:
+        while trainer.iteration < cfg.schedule.train_iters:
+            s = runner.step()
+            history.append(s)
+            a = s.per_task.get("all", {})
+            trainer._say(f"grpo step {s.iteration}: reward {a.get('reward', float('nan')):.3f} "
+                         f"acc {a.get('correct', float('nan')):.3f} len {a.get('response_len', 0):.1f} "
+                         f"beta {s.beta:.2e} kept {s.metrics.get('groups', 0) - s.metrics.get('degenerate_groups', 0):.0f}/"
+                         f"{s.metrics.get('groups', 0):.0f}")
+            c = cfg.checkpoint
+            if c.save_dir and c.save_interval and trainer.iteration % c.save_interval == 0:
+                trainer.save()
+        if cfg.checkpoint.save_dir and cfg.checkpoint.save_at_end:
+            trainer.save()
+        result = {"history": history, "eval": None}
+        if eval_prefix:
+            from m2mega.eval.held_out import evaluate_prompts
+
+            ev = PromptDataset(eval_prefix, 1, order="sequential")
+            result["eval"] = evaluate_prompts(
+                runner.policy, [ev.prompt(int(i)) for i in ev.plan.indices], runner.decode, runner.reward_config,
+                eos_token_id=runner.eos, pad_token_id=runner.pad, max_new_tokens=g.max_new_tokens)
+        return result
+    finally:
+        trainer.close()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                epilog="Any other --section.key=value overrides the YAML config.")
+    p.add_argument("--config", help="YAML config (see examples/qwen25vl_7b/grpo.yaml)")
+    p.add_argument("--eval-prefix", help="preprocessed held-out prompts to score after training")
+    args, overrides = p.parse_known_args(argv)
+    cfg = load_config(args.config, overrides)
+    out = run_grpo(cfg, eval_prefix=args.eval_prefix)
+    if out["eval"] is not None and dist.get_rank() == 0:
+        from m2mega.eval.metrics import format_table
+
+        print(format_table(out["eval"]), flush=True)
+    import m2mega.runtime as rt
+
+    rt.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

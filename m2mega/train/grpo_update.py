@@ -1,0 +1,223 @@
+"""GRPO policy update: pack scored rollouts into THD micro-batches and compute the clipped-surrogate loss
+with the fused kernels, inside megatron's forward/backward schedule.
+
+Per micro-batch, the last pipeline stage gets the final-norm hidden states (``return_hidden``: no
+``T x V`` logits), ``m2mega.kernels.fused_linear_logprob`` turns them into log pi(y_t) over the
+vocab-parallel output layer (max / sum-exp / target logit all-reduced over TP, padded vocab rows
+excluded), and ``m2mega.kernels.fused_grpo_loss`` applies ratio, clip-higher, k3 KL, Eq. 6 weights and the
+response mask in one pass. The loss is returned as a *sum* over response tokens with the token count, so
+megatron (``calculate_per_token_loss``) normalises by the global token count of the step (DAPO's
+token-level aggregation) however the rollouts were split into micro-batches and DP ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from m2mega.kernels import fused_grpo_loss, fused_linear_logprob
+
+from .rollout import Rollouts
+
+__all__ = ["PackedRollouts", "pack_rollouts", "split_into_microbatches", "make_forward_step"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PackedRollouts:
+    """Rollouts (prompt + response) concatenated along one THD sequence."""
+
+    tokens: Tensor  # int64 [T]
+    targets: Tensor  # int64 [T]: next token at response positions, IGNORE_INDEX elsewhere
+    loss_mask: Tensor  # float32 [T]: 1 where the target is a response token
+    cu_seqlens: Tensor  # int32 [n + 1]
+    max_seqlen: int
+    pixel_values: Tensor | None
+    image_grid_thw: Tensor | None
+    advantages: Tensor  # float32 [n] per rollout (group-normalised)
+    weights: Tensor  # float32 [n] per rollout (Eq. 6 weight of its group; 1 for static)
+    rollout_index: list[int]
+    old_logp: Tensor | None = None  # float32 [T], filled by a forward-only pass when needed
+    ref_logp: Tensor | None = None  # float32 [T]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.numel())
+
+    def to(self, device) -> "PackedRollouts":
+        out = {}
+        for k, v in self.__dict__.items():
+            out[k] = v.to(device) if isinstance(v, Tensor) else v
+        return PackedRollouts(**out)
+
+
+def pack_rollouts(
+    rollouts: Rollouts, indices: Sequence[int], advantages: Tensor, weights: Tensor
+) -> PackedRollouts:
+    """Concatenate rollouts ``indices`` (prompt tokens + response tokens each) into one THD sample list."""
+    toks, tgts, masks, pvs, grids, lens = [], [], [], [], [], []
+    for i in indices:
+        p = rollouts.prompt_of(i)
+        resp = rollouts.response_tokens[i]
+        seq = torch.cat([p.prompt_tokens, resp])
+        tgt = torch.full_like(seq, IGNORE_INDEX)
+        L = p.prompt_tokens.numel()
+        # position t predicts token t + 1: the response tokens are targets of positions L-1 .. L+R-2
+        tgt[L - 1 : L - 1 + resp.numel()] = resp
+        toks.append(seq)
+        tgts.append(tgt)
+        masks.append((tgt != IGNORE_INDEX).float())
+        lens.append(seq.numel())
+        if p.pixel_values is not None and len(p.image_grid_thw):
+            pvs.append(p.pixel_values)
+            grids.append(p.image_grid_thw)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lens), 0)
+    idx = torch.as_tensor(list(indices), dtype=torch.long)
+    return PackedRollouts(
+        tokens=torch.cat(toks),
+        targets=torch.cat(tgts),
+        loss_mask=torch.cat(masks),
+        cu_seqlens=cu,
+        max_seqlen=max(lens),
+        pixel_values=torch.cat(pvs) if pvs else None,
+        image_grid_thw=torch.cat(grids) if grids else None,
+        advantages=advantages[idx].float(),
+        weights=weights[idx].float(),
+        rollout_index=list(indices),
+    )
+
+
+def split_into_microbatches(
+    rollouts: Rollouts, indices: Sequence[int], max_tokens: int, advantages: Tensor, weights: Tensor
+) -> list[PackedRollouts]:
+    """Greedy, order-preserving packing of rollouts into micro-batches of at most ``max_tokens`` tokens
+    (a single rollout longer than that gets a micro-batch of its own)."""
+    out, cur, cur_len = [], [], 0
+    for i in indices:
+        n = rollouts.prompt_of(i).prompt_tokens.numel() + rollouts.response_tokens[i].numel()
+        if cur and cur_len + n > max_tokens:
+            out.append(pack_rollouts(rollouts, cur, advantages, weights))
+            cur, cur_len = [], 0
+        cur.append(i)
+        cur_len += n
+    if cur:
+        out.append(pack_rollouts(rollouts, cur, advantages, weights))
+    return out
+
+
+def _model_inputs(mb: PackedRollouts) -> dict:
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    psp = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=mb.cu_seqlens,
+        cu_seqlens_kv=mb.cu_seqlens,
+        max_seqlen_q=mb.max_seqlen,
+        max_seqlen_kv=mb.max_seqlen,
+    )
+    return dict(
+        input_ids=mb.tokens,
+        pixel_values=mb.pixel_values,
+        image_grid_thw=mb.image_grid_thw,
+        packed_seq_params=psp,
+        return_hidden=True,
+    )
+
+
+def _unwrap(model):
+    from m2mega.inference.generate import unwrap_model
+
+    return unwrap_model(model)
+
+
+def token_logprobs(model, hidden: Tensor, mb: PackedRollouts, temperature: float, with_entropy: bool):
+    """log pi(target) per position [T] (0 at ignored positions), optionally the entropy [T]."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    inner = _unwrap(model)
+    if inner.config.sequence_parallel:
+        # hidden is split along the sequence; the kernel needs every token on every TP rank. The gather's
+        # backward reduce-scatters, which already sums the TP partial grads: no second reduction.
+        hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+        reduce = False
+    else:
+        reduce = True
+    h = hidden.reshape(-1, hidden.shape[-1])
+    tp_group = ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+    return fused_linear_logprob(
+        h,
+        inner.output_weight().to(h.dtype),
+        mb.targets,
+        temperature,
+        tp_group,
+        return_entropy=with_entropy,
+        reduce_grad_hidden=reduce,
+        vocab_size=inner.vocab_size,
+    )
+
+
+def make_forward_step(
+    *,
+    temperature: float,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    beta: float,
+    aggregation: str = "token",
+    logprob_only: bool = False,
+    record: list | None = None,
+):
+    """megatron ``forward_step(data_iterator, model)``. With ``logprob_only`` (forward-only passes for
+    old/reference log-probs) the per-token log-probs are appended to ``record`` on the last stage."""
+
+    def forward_step(data_iterator: Iterator, model):
+        mb: PackedRollouts = next(data_iterator)
+        hidden = model(**_model_inputs(mb))
+
+        def loss_func(hidden: Tensor):
+            if logprob_only:
+                logp = token_logprobs(model, hidden, mb, temperature, with_entropy=False)
+                if record is not None:
+                    record.append(logp.detach().float())
+                zero = logp.sum() * 0.0
+                return zero, torch.ones((), dtype=torch.int), {}
+            logp, ent = token_logprobs(model, hidden, mb, temperature, with_entropy=True)
+            old = mb.old_logp if mb.old_logp is not None else logp.detach()
+            loss, m = fused_grpo_loss(
+                logp,
+                old,
+                mb.ref_logp if beta != 0.0 else None,
+                mb.advantages,
+                mb.loss_mask,
+                clip_low=clip_low,
+                clip_high=clip_high,
+                dual_clip=dual_clip,
+                beta=beta,
+                weights=mb.weights,
+                aggregation=aggregation,
+                cu_seqlens=mb.cu_seqlens,
+                normalizer=1.0,  # a sum: megatron divides by the step's global token count
+            )
+            n = m["num_tokens"]
+            mask = mb.loss_mask
+            report = {
+                "pg_loss": torch.stack([m["pg_loss"], n]),
+                "clip_frac": torch.stack([m["clip_frac"] * n, n]),
+                "approx_kl": torch.stack([m["approx_kl"] * n, n]),
+                "mean_ratio": torch.stack([m["mean_ratio"] * n, n]),
+                "entropy": torch.stack([(ent.detach() * mask).sum(), n]),
+                "num_tokens": torch.tensor([float(mb.num_tokens)]),
+            }
+            if beta != 0.0:
+                report["ref_kl"] = torch.stack([m["ref_kl"] * n, n])
+            return loss, n.to(torch.int), report
+
+        return hidden, loss_func
+
+    return forward_step
