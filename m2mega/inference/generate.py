@@ -246,6 +246,7 @@ def generate(
     generator: Optional[torch.Generator] = None,
     use_cache: bool = True,
     return_logprobs: bool = False,
+    suppress_token_ids: Optional[Sequence[int]] = None,
 ) -> GenerationOutput:
     """Generate continuations of ``prompts`` (1-D token-id tensors of any lengths) with ``model`` (this
     rank's stage of an m2mega Qwen2.5-VL, possibly wrapped in DDP/Float16Module).
@@ -254,7 +255,9 @@ def generate(
     ``[n_images, 3]`` (None for a text-only prompt); each prompt's ``<|image_pad|>`` runs must match its
     grids. Sampling: ``greedy=True`` or ``temperature=0`` picks the argmax, else temperature / top-k /
     top-p sampling from ``generator`` (or a fresh one seeded with ``seed``; else torch's global RNG).
-    Every rank of the replica must call this with the same arguments.
+    Every rank of the replica must call this with the same arguments. ``suppress_token_ids`` are never
+    generated (their logits are -inf before sampling): GRPO passes the vision placeholders, which a
+    response must not contain (the model would look for image features for them).
     """
     model = unwrap_model(model)
     if max_new_tokens < 1:
@@ -295,6 +298,9 @@ def generate(
         for t in range(max_new_tokens):
             tok = lp = None
             if logits is not None:
+                if suppress_token_ids:
+                    logits = logits.clone()
+                    logits[..., list(suppress_token_ids)] = float("-inf")
                 tok, lp = select_next_tokens(logits, params, generator)
             tok, lp = _broadcast_choice(tok, lp, B, dev)
             active = ~finished

@@ -355,9 +355,15 @@ def _read_meta(path: str) -> dict:
 
 
 def load_model_weights(path: str, model_chunks: Sequence[torch.nn.Module], *, strict: bool = True) -> None:
-    """Load only the model weights of a checkpoint (any TP/PP it was saved with)."""
+    """Load only the model weights of a checkpoint (any TP/PP it was saved with). ``path`` is one
+    checkpoint (``iter_XXXXXXX``) or a save root, whose newest complete checkpoint is used."""
     from megatron.core import dist_checkpointing
 
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        found = find_latest(path)
+        if found is None:
+            raise FileNotFoundError(f"{path} is neither a checkpoint nor a directory holding complete checkpoints")
+        path = found[1]
     model_sd = _model_sharded_state_dict(model_chunks)
     loaded = dist_checkpointing.load(model_sd, path)
     for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):

@@ -267,9 +267,11 @@ def _prompt_order(order: str) -> str:
     return {"curriculum": "sequential"}.get(order, order)
 
 
-def run_grpo(cfg: TrainConfig, *, eval_prefix: Optional[str] = None) -> dict:
+def run_grpo(cfg: TrainConfig, *, eval_prefix: Optional[str] = None,
+             decode: Optional[Callable[[list[int]], str]] = None) -> dict:
     """Initialise the runtime, build policy + reference + data, run ``schedule.train_iters`` GRPO steps.
 
+    ``decode`` replaces the dataset tokenizer's detokeniser (tests use it to script rewards).
     Returns ``{"history": [StepStats...], "eval": {...} or None}`` on every rank."""
     import m2mega.runtime as rt
     from megatron.core import parallel_state as ps
@@ -298,7 +300,8 @@ def run_grpo(cfg: TrainConfig, *, eval_prefix: Optional[str] = None) -> dict:
     needs_ref = (g.beta_max if g.kl_schedule == "cosine" else g.beta) > 0
     # The reference is the policy we start from (model.init_from), copied before any resume.
     ref = frozen_copy(trainer.model[0], lambda: fam.provider(cfg)) if needs_ref else None
-    runner = GRPORunner(cfg, trainer, prompts.prompts, lambda ids: tok.decode(ids, skip_special_tokens=True),
+    decode = decode or (lambda ids: tok.decode(ids, skip_special_tokens=True))
+    runner = GRPORunner(cfg, trainer, prompts.prompts, decode,
                         eos_token_id=[tok.eos_id, tok.endoftext_id], pad_token_id=tok.pad_id, ref_model=ref)
     trainer.resume()
     history: list[StepStats] = []
@@ -331,20 +334,37 @@ def run_grpo(cfg: TrainConfig, *, eval_prefix: Optional[str] = None) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m m2mega.train.grpo", description=__doc__.split("\n")[0],
                                 epilog="Any other --section.key=value overrides the YAML config.")
     p.add_argument("--config", help="YAML config (see examples/qwen25vl_7b/grpo.yaml)")
-    p.add_argument("--eval-prefix", help="preprocessed held-out prompts to score after training")
+    p.add_argument("--eval-prefix", help="preprocessed held-out prompts to score after training "
+                                         "(with --schedule.train_iters=0: evaluate model.init_from only)")
+    p.add_argument("--eval-json", help="write the held-out table (per task) here (rank 0)")
+    p.add_argument("--history-json", help="write per-step rollout metrics here (rank 0)")
     args, overrides = p.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
-    out = run_grpo(cfg, eval_prefix=args.eval_prefix)
-    if out["eval"] is not None and dist.get_rank() == 0:
-        from m2mega.eval.metrics import format_table
+    if cfg.mode != "grpo":
+        p.error(f"mode is {cfg.mode!r}; this entry point runs GRPO (set mode: grpo)")
+    import json
 
-        print(format_table(out["eval"]), flush=True)
     import m2mega.runtime as rt
 
-    rt.shutdown()
+    try:
+        out = run_grpo(cfg, eval_prefix=args.eval_prefix)
+        if dist.get_rank() == 0:
+            if out["eval"] is not None:
+                from m2mega.eval.metrics import format_table
+
+                print(format_table(out["eval"]), flush=True)
+                if args.eval_json:
+                    with open(args.eval_json, "w") as f:
+                        json.dump(out["eval"], f, indent=1)
+            if args.history_json:
+                with open(args.history_json, "w") as f:
+                    json.dump([{"iteration": s.iteration, "beta": s.beta, "metrics": s.metrics,
+                                "per_task": s.per_task} for s in out["history"]], f, indent=1)
+    finally:
+        rt.shutdown()
     return 0
 
 

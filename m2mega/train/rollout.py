@@ -62,7 +62,8 @@ def generate_rollouts(
     seed: int,
     greedy: bool = False,
 ) -> Rollouts:
-    """Sample ``group_size`` continuations of every prompt in one ragged batch."""
+    """Sample ``group_size`` continuations of every prompt in one ragged batch. Vision placeholder tokens
+    (image/video pad, vision start/end) are never sampled: a response carrying them could not be re-run."""
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     rep = [p for p in prompts for _ in range(group_size)]
@@ -80,6 +81,7 @@ def generate_rollouts(
         pad_token_id=pad_token_id,
         seed=seed,
         return_logprobs=True,
+        suppress_token_ids=_vision_token_ids(model),
     )
     return Rollouts(
         prompts=list(prompts),
@@ -88,6 +90,13 @@ def generate_rollouts(
         finished=out.finished.cpu(),
         rollout_logprobs=[lp.cpu() for lp in out.logprobs] if out.logprobs is not None else None,
     )
+
+
+def _vision_token_ids(model) -> list[int]:
+    from m2mega.inference.generate import unwrap_model
+
+    c = unwrap_model(model).cfg
+    return [c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id]
 
 
 def score_rollouts(

@@ -1,0 +1,88 @@
+"""Evaluate a checkpoint on preprocessed held-out prompts:
+
+    torchrun --nproc-per-node=N -m m2mega.eval.run --config grpo.yaml --eval-prefix data/eval \
+        [--checkpoint DIR] [--eval-json out.json] [--max-new-tokens K] [--greedy/--sample]
+
+The model (family, preset, TP/PP) and the reward switches come from the training config; the weights from
+``--checkpoint`` (a checkpoint or a save root; default ``model.init_from``; none: the seeded random init,
+the "before training" baseline). Prints the per-task table (accuracy, reward, format, response length,
+repetition) and optionally writes it as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+__all__ = ["evaluate_checkpoint", "main"]
+
+
+def evaluate_checkpoint(cfg, eval_prefix: str, checkpoint: Optional[str], *, max_new_tokens: Optional[int] = None,
+                        greedy: bool = True, batch_size: int = 16) -> dict:
+    """Collective over the runtime's ranks (call ``m2mega.runtime.init`` first)."""
+    import torch
+
+    from m2mega.data.loader import PromptDataset
+    from m2mega.rewards import RewardConfig
+    from m2mega.train import vlm
+    from m2mega.train.checkpoint import load_model_weights
+    from m2mega.train.families import get_model_family
+    from m2mega.train.loop import seed_everything
+
+    from .held_out import evaluate_prompts
+
+    seed_everything(cfg.seed)  # the same seeded init as training's, for the untrained baseline
+    model = get_model_family(cfg.model.family).provider(cfg)
+    if checkpoint:
+        load_model_weights(checkpoint, [model])
+    tok = vlm.tokenizer_from_prefix(eval_prefix)
+    ds = PromptDataset(eval_prefix, 1, order="sequential")
+    prompts = [ds.prompt(int(i)) for i in ds.plan.indices]
+    with torch.no_grad():
+        return evaluate_prompts(
+            model, prompts, lambda ids: tok.decode(ids, skip_special_tokens=True),
+            RewardConfig.from_dict(cfg.grpo.reward_config_dict()), eos_token_id=[tok.eos_id, tok.endoftext_id],
+            pad_token_id=tok.pad_id, max_new_tokens=max_new_tokens or cfg.grpo.max_new_tokens,
+            batch_size=batch_size, greedy=greedy, temperature=cfg.grpo.temperature, seed=cfg.seed)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m m2mega.eval.run", description=__doc__.split("\n")[0],
+                                epilog="Any other --section.key=value overrides the YAML config.")
+    p.add_argument("--config", required=True, help="training YAML (model, parallel and grpo reward switches)")
+    p.add_argument("--eval-prefix", required=True, help="preprocessed held-out prompts (RL rows)")
+    p.add_argument("--checkpoint", help="checkpoint or save root (default: model.init_from; 'none': random init)")
+    p.add_argument("--eval-json", help="write the per-task table here (rank 0)")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--sample", action="store_true", help="sample at grpo.temperature instead of greedy decoding")
+    args, overrides = p.parse_known_args(argv)
+
+    import torch.distributed as dist
+
+    import m2mega.runtime as rt
+    from m2mega.eval.metrics import format_table
+    from m2mega.train.config import load_config
+
+    cfg = load_config(args.config, overrides)
+    ckpt = cfg.model.init_from if args.checkpoint is None else (None if args.checkpoint == "none" else args.checkpoint)
+    backend = None if cfg.parallel.backend == "auto" else cfg.parallel.backend
+    rt.init(cfg.parallel.tp, cfg.parallel.pp, backend=backend, seed=cfg.seed, timeout_s=cfg.parallel.timeout_s)
+    try:
+        table = evaluate_checkpoint(cfg, args.eval_prefix, ckpt, max_new_tokens=args.max_new_tokens,
+                                    greedy=not args.sample, batch_size=args.batch_size)
+        if dist.get_rank() == 0:
+            print(f"# held-out evaluation of {ckpt or 'the random init'} on {args.eval_prefix}")
+            print(format_table(table), flush=True)
+            if args.eval_json:
+                with open(args.eval_json, "w") as f:
+                    json.dump(table, f, indent=1)
+    finally:
+        rt.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
