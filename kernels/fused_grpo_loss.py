@@ -38,8 +38,9 @@ def dynamic_advantage_weights(accuracy: torch.Tensor, group_size: int, sigma: fl
     if accuracy.dim() != 1 or accuracy.numel() % group_size != 0:
         raise ValueError(f"accuracy must be [num_groups * group_size]; got {tuple(accuracy.shape)} "
                          f"with group_size={group_size}")
-    mean = accuracy.float().view(-1, group_size).mean(dim=1, keepdim=True)
-    return (sigma * mean * (1.0 - mean)).expand(-1, group_size).reshape(-1)
+    from m2mega.rl import dynamic_weights  # the one definition of Eq. 6; here expanded per rollout
+
+    return dynamic_weights(accuracy.float().view(-1, group_size), sigma).repeat_interleave(group_size)
 
 
 # ------------------------------------------------------------------------------------------------ inputs

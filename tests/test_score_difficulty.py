@@ -148,11 +148,12 @@ def test_bad_reward_config(files, capsys):
     assert "rewards.json: reward config for task 'spatial'" in capsys.readouterr().err
 
 
-def test_checkpoint_mode_is_a_clear_hook(files, capsys):
+def test_checkpoint_mode_names_a_missing_checkpoint(files, capsys):
+    """(The working --checkpoint path is exercised on the demo's checkpoint in tests/test_demo.py.)"""
     d, src, _, _ = files
     code = _run(["--input", str(src), "--checkpoint", "/nonexistent/ckpt", "--output", str(d / "o.jsonl")])
     err = capsys.readouterr().err
-    assert code == 2 and "not yet wired; see issue 7" in err
+    assert code == 2 and "/nonexistent/ckpt: no complete checkpoint" in err
 
 
 def test_runs_as_script(files):

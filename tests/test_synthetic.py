@@ -193,3 +193,22 @@ def test_cli_writes_the_splits(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_synthetic_data.py"), "--out",
                           str(out), "--sft", "-1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--sft must be >= 0" in bad.stderr
+
+
+def test_brief_reasoning_keeps_the_conclusion(tmp_path):
+    import json
+
+    from m2mega.data.synthetic import brief_reasoning, write_dataset
+
+    assert brief_reasoning("Scale is 20/24 = 0.8333 km. The bar is 59 px. 59 px x 0.8333 = 49.17 km, about 49.2 km.") \
+        == "59 px x 0.8333 = 49.17 km, about 49.2 km."
+    write_dataset(str(tmp_path), n_sft=8, n_rl=0, n_eval=0, seed=3, reasoning="brief")
+    full = tmp_path / "full"
+    write_dataset(str(full), n_sft=8, n_rl=0, n_eval=0, seed=3)
+    for b, f in zip(open(tmp_path / "sft.jsonl"), open(full / "sft.jsonl")):
+        b, f = json.loads(b), json.loads(f)
+        tb, tf = b["messages"][-1]["content"], f["messages"][-1]["content"]
+        assert tb.endswith(f"<answer>{b['answer']}</answer>") and len(tb) < len(tf)
+        assert tb.split("</think>")[0].removeprefix("<think>") in tf
+    with pytest.raises(ValueError, match="reasoning must be"):
+        write_dataset(str(tmp_path / "x"), n_sft=1, n_rl=0, n_eval=0, reasoning="long")

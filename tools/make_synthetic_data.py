@@ -26,12 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES,
                    help="task families to include (rotated evenly)")
+    p.add_argument("--reasoning", choices=("full", "brief"), default="full",
+                   help="SFT <think> content: the worked reasoning, or only its concluding sentence")
     a = p.parse_args(argv)
     for name in ("sft", "rl", "eval"):
         if getattr(a, name) < 0:
             p.error(f"--{name} must be >= 0")
     t0 = time.perf_counter()
-    manifest = write_dataset(a.out, n_sft=a.sft, n_rl=a.rl, n_eval=a.eval, seed=a.seed, families=a.families)
+    manifest = write_dataset(a.out, n_sft=a.sft, n_rl=a.rl, n_eval=a.eval, seed=a.seed, families=a.families,
+                             reasoning=a.reasoning)
     n = sum(s["rows"] for s in manifest["splits"].values())
     dt = time.perf_counter() - t0
     for split, info in manifest["splits"].items():

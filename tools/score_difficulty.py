@@ -274,27 +274,9 @@ def load_reward_config(path: str | None) -> RewardConfig:
 
 
 def _generate_with_checkpoint(args: argparse.Namespace) -> str:
-    """Hook for ``--checkpoint``: roll out with the model, write a rollouts JSONL, return its path.
+    """``--checkpoint``: roll out with the GRPO trainer's driver, write a rollouts JSONL, return its path."""
+    from m2mega.train.grpo import write_rollouts
 
-    Token generation exists (``m2mega.inference.generate``), but turning a checkpoint into rollouts also
-    needs the Qwen2.5-VL model provider and the RL prompt pipeline (preprocessed prefix ->
-    ``m2mega.data.loader.PromptDataset``) driven on every rank, which is the GRPO trainer's rollout code
-    (issue 7). This hook calls it once it exists instead of keeping a second rollout path here.
-    """
-    try:
-        from m2mega.train.grpo import write_rollouts  # the GRPO trainer's rollout driver (issue 7)
-    except ImportError:
-        has_generate = True
-        try:
-            from m2mega.inference import generate  # noqa: F401
-        except ImportError:
-            has_generate = False
-        what = "m2mega.inference.generate exists, but no checkpoint->rollouts driver (m2mega.train.grpo." \
-               "write_rollouts) does yet" if has_generate else "no model generation API exists yet"
-        raise InputError(
-            f"--checkpoint: not yet wired; see issue 7 ({what}). "
-            "Generate rollouts separately and pass them with --rollouts."
-        ) from None
     out = args.output + ".rollouts.jsonl"
     write_rollouts(checkpoint=args.checkpoint, input_path=args.input, output_path=out, num_rollouts=args.num_rollouts)
     return out
@@ -305,7 +287,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input", required=True, help="RL JSONL with id, answer, task, answer_type")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--rollouts", help='JSONL of {"id": ..., "responses": [str, ...]}')
-    src.add_argument("--checkpoint", help="generate rollouts with this checkpoint (needs issue 7)")
+    src.add_argument("--checkpoint", help="generate rollouts with this training checkpoint (or save root): its "
+                     "model, sampling settings and preprocessing; TP1, or TP = world size under torchrun")
     p.add_argument("--num-rollouts", type=int, default=8, help="rollouts per prompt in --checkpoint mode")
     p.add_argument("--output", required=True)
     g = p.add_mutually_exclusive_group()

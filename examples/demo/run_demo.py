@@ -28,8 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEM_PROMPT = "Think step by step inside <think></think>, then give the final answer inside <answer></answer>."
 
-FULL = dict(sft=1536, rl=384, eval=96, vocab=640, sft_iters=300, sft_batch=8, grpo_iters=24, prompts=8,
-            group=6, new_tokens=40, seq=2048, tp=2)
+# SFT micro-batches are THD packs of up to `seq` tokens (~6 samples at 1024), so one SFT iteration of
+# `sft_batch` packs sees ~25 samples: 120 iterations are ~2 epochs of the SFT split.
+FULL = dict(sft=1536, rl=384, eval=64, vocab=640, sft_iters=120, sft_batch=4, grpo_iters=16, prompts=6,
+            group=4, new_tokens=48, seq=1024, tp=2)
 QUICK = dict(sft=48, rl=24, eval=8, vocab=400, sft_iters=4, sft_batch=2, grpo_iters=2, prompts=2,
              group=3, new_tokens=8, seq=1024, tp=2)
 
@@ -92,7 +94,7 @@ def main() -> int:
 
     _say("1/6 synthetic dataset (rendered images)")
     _run([py, "tools/make_synthetic_data.py", "--out", str(out / "data"), "--sft", str(S["sft"]), "--rl",
-          str(S["rl"]), "--eval", str(S["eval"]), "--seed", str(a.seed)], logs / "data.log")
+          str(S["rl"]), "--eval", str(S["eval"]), "--seed", str(a.seed), "--reasoning", "brief"], logs / "data.log")
 
     _say("2/6 tokenizer + preprocessing to .bin/.idx (curriculum order)")
     from m2mega.data.tokenizer import build_tiny_qwen_tokenizer

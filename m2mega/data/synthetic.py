@@ -310,19 +310,29 @@ def generate(family: str, seed: int, split: str, index: int, attempt: int = 0) -
     return s
 
 
-def to_row(sample: Sample, sample_id: str, image_path: str, with_assistant: bool) -> dict:
-    """The JSONL row (schema of ``m2mega.data.schema``); SFT rows end with the assistant turn."""
+def brief_reasoning(reasoning: str) -> str:
+    """The conclusion alone: the last sentence of the worked reasoning (it states the answer's derivation's
+    final step). Tiny CPU models learn the format and finish their answers far sooner with it."""
+    return reasoning.rsplit(". ", 1)[-1].strip()
+
+
+def to_row(sample: Sample, sample_id: str, image_path: str, with_assistant: bool, reasoning: str = "full") -> dict:
+    """The JSONL row (schema of ``m2mega.data.schema``); SFT rows end with the assistant turn, whose
+    ``<think>`` holds the worked reasoning (``reasoning="full"``) or its conclusion only (``"brief"``)."""
+    if reasoning not in ("full", "brief"):
+        raise ValueError(f"reasoning must be 'full' or 'brief', got {reasoning!r}")
+    think = sample.reasoning if reasoning == "full" else brief_reasoning(sample.reasoning)
     messages = [{"role": "user", "content": [{"type": "image", "image": image_path},
                                              {"type": "text", "text": sample.question}]}]
     if with_assistant:
         messages.append({"role": "assistant",
-                         "content": f"<think>{sample.reasoning}</think><answer>{sample.answer}</answer>"})
+                         "content": f"<think>{think}</think><answer>{sample.answer}</answer>"})
     return {"id": sample_id, "messages": messages, "answer": sample.answer, "task": sample.task,
             "answer_type": sample.answer_type, "difficulty": sample.difficulty, "family": sample.family}
 
 
 def write_dataset(out_dir: str, *, n_sft: int, n_rl: int, n_eval: int, seed: int = 1234,
-                  families: Sequence[str] = FAMILIES) -> dict:
+                  families: Sequence[str] = FAMILIES, reasoning: str = "full") -> dict:
     """Write ``sft.jsonl``, ``rl.jsonl``, ``eval.jsonl``, ``images/`` and ``manifest.json`` under ``out_dir``.
 
     Families rotate by sample index, so every split holds them in equal shares. Returns the manifest.
@@ -353,7 +363,7 @@ def write_dataset(out_dir: str, *, n_sft: int, n_rl: int, n_eval: int, seed: int
                 sid = f"{split}-{i:06d}"
                 rel = f"images/{sid}.png"
                 s.render().save(os.path.join(out_dir, rel), format="PNG")
-                row = to_row(s, sid, rel, with_assistant=split == "sft")
+                row = to_row(s, sid, rel, with_assistant=split == "sft", reasoning=reasoning)
                 f.write(json.dumps(row, sort_keys=True) + "\n")
                 counts[fam] = counts.get(fam, 0) + 1
         os.replace(path + ".tmp", path)

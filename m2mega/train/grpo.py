@@ -311,10 +311,11 @@ def run_grpo(cfg: TrainConfig, *, eval_prefix: Optional[str] = None,
             s = runner.step()
             history.append(s)
             a = s.per_task.get("all", {})
-            trainer._say(f"grpo step {s.iteration}: reward {a.get('reward', float('nan')):.3f} "
-                         f"acc {a.get('correct', float('nan')):.3f} len {a.get('response_len', 0):.1f} "
-                         f"beta {s.beta:.2e} kept {s.metrics.get('groups', 0) - s.metrics.get('degenerate_groups', 0):.0f}/"
-                         f"{s.metrics.get('groups', 0):.0f}")
+            if dist.get_rank() == 0:
+                kept = s.metrics.get("groups", 0) - s.metrics.get("degenerate_groups", 0)
+                trainer._say(f"grpo step {s.iteration}: reward {a.get('reward', float('nan')):.3f} "
+                             f"acc {a.get('correct', float('nan')):.3f} len {a.get('response_len', 0):.1f} "
+                             f"beta {s.beta:.2e} kept {kept:.0f}/{s.metrics.get('groups', 0):.0f}")
             c = cfg.checkpoint
             if c.save_dir and c.save_interval and trainer.iteration % c.save_interval == 0:
                 trainer.save()
@@ -331,6 +332,80 @@ def run_grpo(cfg: TrainConfig, *, eval_prefix: Optional[str] = None,
         return result
     finally:
         trainer.close()
+
+
+def write_rollouts(*, checkpoint: str, input_path: str, output_path: str, num_rollouts: int,
+                   batch_prompts: int = 16) -> int:
+    """Sample ``num_rollouts`` responses per RL row of ``input_path`` (JSONL) with a training checkpoint and
+    write ``{"id", "responses"}`` lines to ``output_path`` (what ``tools/score_difficulty.py`` scores).
+
+    The model, sampling settings and preprocessing (tokenizer, system prompt, pixel bounds) are the
+    checkpoint's own (its ``config.yaml`` and its training data's ``meta.json``). Runs in this process at
+    TP1 (or under torchrun: TP = world size). Rows the preprocessor rejects get no line (score_difficulty
+    reports them as missing) and are listed in ``output_path + ".rejects.jsonl"``. Returns rows written."""
+    import dataclasses
+    import json
+    import os
+    import tempfile
+
+    import m2mega.runtime as rt
+    from megatron.core import parallel_state as ps
+
+    from m2mega.data.loader import PromptDataset
+    from m2mega.data.preprocess import PreprocessConfig, preprocess
+
+    from . import vlm
+    from .checkpoint import find_latest, load_model_weights
+    from .families import get_model_family
+
+    ckpt = checkpoint
+    if not os.path.isfile(os.path.join(ckpt, "config.yaml")):
+        found = find_latest(checkpoint)
+        if found is None:
+            raise FileNotFoundError(f"{checkpoint}: no complete checkpoint with a config.yaml")
+        ckpt = found[1]
+    cfg = load_config(os.path.join(ckpt, "config.yaml"))
+    meta_path = (cfg.data.train_prefix or "") + ".meta.json"
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    pc = meta["config"]
+    pre = PreprocessConfig(tokenizer_type=meta["tokenizer_type"], tokenizer_model=meta["tokenizer_model"],
+                           seq_length=pc["seq_length"], min_pixels=pc["min_pixels"], max_pixels=pc["max_pixels"],
+                           system_prompt=pc["system_prompt"], order="input", progress=False)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not ps.model_parallel_is_initialized():
+        rt.init(world, 1, seed=cfg.seed)
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tp=world, pp=1))
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "prompts")
+        if dist.get_rank() == 0:
+            preprocess([input_path], prefix, pre, reject_file=output_path + ".rejects.jsonl")
+        dist.barrier()
+        model = get_model_family(cfg.model.family).provider(cfg)
+        load_model_weights(ckpt, [model])
+        tok = vlm.tokenizer_from_prefix(cfg.data.train_prefix)
+        ds = PromptDataset(prefix, 1, order="sequential")
+        prompts = [ds.prompt(int(i)) for i in ds.plan.indices]
+        g = cfg.grpo
+        n = 0
+        out = open(output_path, "w", encoding="utf-8") if dist.get_rank() == 0 else None
+        try:
+            for start in range(0, len(prompts), batch_prompts):
+                chunk = prompts[start : start + batch_prompts]
+                r = generate_rollouts(model, chunk, group_size=num_rollouts, max_new_tokens=g.max_new_tokens,
+                                      temperature=g.temperature, top_p=g.top_p,
+                                      eos_token_id=[tok.eos_id, tok.endoftext_id], pad_token_id=tok.pad_id,
+                                      seed=cfg.seed + start)
+                for k, p in enumerate(chunk):
+                    texts = [tok.decode(r.response_tokens[k * num_rollouts + j].tolist(), skip_special_tokens=True)
+                             for j in range(num_rollouts)]
+                    if out is not None:
+                        out.write(json.dumps({"id": p.info.id, "responses": texts}, ensure_ascii=False) + "\n")
+                    n += 1
+        finally:
+            if out is not None:
+                out.close()
+    return n
 
 
 def main(argv: Optional[list[str]] = None) -> int:

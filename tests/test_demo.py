@@ -1,0 +1,45 @@
+"""`make demo`'s pipeline end to end in its --quick sizes: data -> tokenizer -> preprocess -> eval ->
+SFT (TP=2, torchrun) -> eval -> GRPO (TP=2) -> eval -> table + PNG. Sizes are too small to learn anything;
+this guards the wiring between stages (the full demo's numbers are in the README)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_demo_quick(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples/demo/run_demo.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for stage in ("before_sft", "after_sft", "after_grpo"):
+        table = json.loads((out / f"eval_{stage}.json").read_text())
+        assert table["all"]["n"] == 8 and {"general", "spatial"} <= set(table)
+    assert (out / "prep/sft.bin").stat().st_size > 0 and (out / "prep/sft.idx").exists()
+    assert (out / "ckpt_sft/latest").exists() and (out / "ckpt_grpo/latest").exists()
+    history = json.loads((out / "grpo_history.json").read_text())
+    assert len(history) == 1 and history[0]["iteration"] == 2  # 1 rollout step x 2 mini-batch updates
+    results = (out / "results.md").read_text()
+    assert "after GRPO" in results and ("GRPO raised" in results or "GRPO did NOT raise" in results)
+    assert (out / "reward_curve.png").stat().st_size > 1000
+
+    # difficulty scoring from a checkpoint (tools/score_difficulty.py --checkpoint), on the demo's RL rows
+    scored = out / "rl_scored.jsonl"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/score_difficulty.py"), "--input", str(out / "data/rl.jsonl"),
+                           "--checkpoint", str(out / "ckpt_grpo"), "--num-rollouts", "2", "--keep-trivial",
+                           "--output", str(scored), "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(l) for l in scored.read_text().splitlines()]
+    n_in = len((out / "data/rl.jsonl").read_text().splitlines())
+    assert len(rows) == n_in and all(0.0 <= r["difficulty"] <= 1.0 for r in rows)
+    roll = [json.loads(l) for l in (out / "rl_scored.jsonl.rollouts.jsonl").read_text().splitlines()]
+    assert len(roll) == n_in and all(len(r["responses"]) == 2 for r in roll)
