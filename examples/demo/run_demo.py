@@ -30,8 +30,8 @@ SYSTEM_PROMPT = "Think step by step inside <think></think>, then give the final 
 
 # SFT micro-batches are THD packs of up to `seq` tokens (~6 samples at 1024), so one SFT iteration of
 # `sft_batch` packs sees ~25 samples: 120 iterations are ~2 epochs of the SFT split.
-FULL = dict(sft=1536, rl=384, eval=64, vocab=640, sft_iters=120, sft_batch=4, grpo_iters=16, prompts=6,
-            group=4, new_tokens=48, seq=1024, tp=2)
+FULL = dict(sft=2048, rl=512, eval=64, vocab=640, sft_iters=260, sft_batch=4, grpo_iters=24, prompts=8,
+            group=8, new_tokens=40, seq=1024, tp=2)
 QUICK = dict(sft=48, rl=24, eval=8, vocab=400, sft_iters=4, sft_batch=2, grpo_iters=2, prompts=2,
              group=3, new_tokens=8, seq=1024, tp=2)
 
@@ -125,14 +125,14 @@ def main() -> int:
     grpo_cfg = {
         **common, "mode": "grpo",
         "model": {**common["model"], "init_from": str(out / "ckpt_sft")},
-        "optimizer": {"lr": 5e-4, "min_lr": 5e-4, "weight_decay": 0.0, "clip_grad": 1.0},
+        "optimizer": {"lr": 1e-4, "min_lr": 1e-4, "weight_decay": 0.0, "clip_grad": 1.0},
         "schedule": {"train_iters": S["grpo_iters"], "seq_length": S["seq"], "lr_decay_style": "constant"},
         "checkpoint": {"save_dir": str(out / "ckpt_grpo"), "save_at_end": True, "keep_last": 1},
         "logging": {**common["logging"], "tensorboard_dir": str(out / "tb/grpo")},
         "data": {"source": "packed", "train_prefix": str(out / "prep/rl"), "order": "curriculum"},
         "grpo": {"prompts_per_step": S["prompts"], "group_size": S["group"], "max_new_tokens": S["new_tokens"],
                  "temperature": 1.0, "clip_low": 0.2, "clip_high": 0.28, "kl_schedule": "cosine",
-                 "beta_min": 0.001, "beta_max": 0.01, "advantage_weighting": "dynamic", "sigma": 4.0,
+                 "beta_min": 0.005, "beta_max": 0.04, "advantage_weighting": "dynamic", "sigma": 4.0,
                  "numeric_reward": "ednm", "updates_per_rollout": 2},
     }
     _write_yaml(out / "sft.yaml", sft_cfg)
