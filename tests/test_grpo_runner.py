@@ -72,3 +72,29 @@ def test_grpo_steps_tp1_equal_tp2(rl_prefix):
         assert k in m1 and abs(m1[k] - m2[k]) <= 1e-4 * max(1.0, abs(m1[k])), (k, m1[k], m2[k])
     assert tp1["per_task"][0]["all"]["reward"] == pytest.approx(tp2[0]["per_task"][0]["all"]["reward"])
     assert tp1["beta"] == [pytest.approx(0.01)]
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_dynamic_sampling_refills_degenerate_groups(rl_prefix):
+    """G=2 with the scripted rewards: about half the groups are degenerate; dynamic sampling rolls out
+    extra prompts until prompts_per_step informative groups (or the round limit) are reached."""
+    prefix, _ = rl_prefix
+    cfg = {
+        "mode": "grpo", "seed": 9,
+        "model": {"family": "qwen25vl", "preset": "tiny"},
+        "parallel": {"tp": 1, "pp": 1},
+        "optimizer": {"lr": 1e-3, "min_lr": 1e-3},
+        "schedule": {"train_iters": 1, "seq_length": 160, "lr_decay_style": "constant"},
+        "checkpoint": {"save_dir": None},
+        "logging": {"progress": "none"},
+        "data": {"source": "packed", "train_prefix": prefix, "order": "curriculum"},
+        "grpo": {"prompts_per_step": 4, "group_size": 2, "max_new_tokens": 4, "kl_schedule": "constant",
+                 "beta": 0.0, "dynamic_sampling": True, "max_refill_rounds": 3},
+    }
+    m = run_ranks(_body, 1, args=(cfg, 1), timeout_s=600)[0]["metrics"][0]
+    kept = m["groups"] - m["degenerate_groups"]
+    assert m["groups"] >= 4 and kept <= 4, m
+    if m["degenerate_groups"] > 0:  # something was filtered: refills must have been attempted
+        assert m["refill_rounds"] >= 1, m
+    assert kept == 4 or m["refill_rounds"] == 3, m  # full batch, or the round limit was hit

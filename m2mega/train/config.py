@@ -182,6 +182,11 @@ class GRPOConfig:
     sigma: float = 4.0  # 4.0 makes the peak weight (acc = 0.5) exactly 1
     adv_eps: float = 1e-6
     drop_zero_variance: bool = True  # groups whose rollouts all score the same carry no signal
+    # Dynamic sampling (DAPO): while fewer than prompts_per_step groups are informative, roll out more
+    # prompts (up to max_refill_rounds extra rounds); needs drop_zero_variance.
+    dynamic_sampling: bool = False
+    max_refill_rounds: int = 2
+    dual_clip: Optional[float] = None  # dual-clip bound c > 1 for negative advantages; None: off
     # Spatial numeric answers: "ednm" smooth reward R = gamma * exp(-lambda * rel. error) (paper Eq. 9)
     # or "binary" exact match.
     numeric_reward: Literal["ednm", "binary"] = "ednm"
@@ -514,6 +519,10 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     _check(g.sigma > 0 and g.adv_eps > 0, "grpo.sigma and grpo.adv_eps must be > 0")
     _check(g.ednm_lambda >= 0 and g.ednm_gamma >= 0, "grpo.ednm_lambda and grpo.ednm_gamma must be >= 0")
     _check(g.updates_per_rollout >= 1, f"grpo.updates_per_rollout must be >= 1, got {g.updates_per_rollout}")
+    _check(g.max_refill_rounds >= 0, f"grpo.max_refill_rounds must be >= 0, got {g.max_refill_rounds}")
+    _check(not g.dynamic_sampling or g.drop_zero_variance,
+           "grpo.dynamic_sampling refills degenerate groups, so it needs grpo.drop_zero_variance: true")
+    _check(g.dual_clip is None or g.dual_clip > 1, f"grpo.dual_clip must be > 1 or null, got {g.dual_clip}")
     for task, over in g.reward_overrides.items():
         _check(isinstance(over, dict), f"grpo.reward_overrides.{task} must be a mapping, got {over!r}")
     try:  # the reward module owns its own field checks; surface them as config errors here

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from m2mega.rewards import RewardConfig
-from m2mega.rl import KLSchedule, group_advantages, group_weights
+from m2mega.rl import DynamicSampler, KLSchedule, group_advantages, group_weights
 
 from .config import TrainConfig, load_config, to_yaml
 from .grpo_update import make_forward_step, split_into_microbatches
@@ -129,22 +129,37 @@ class GRPORunner:
         return adv.reshape(-1), keep, w.repeat_interleave(G)
 
     def _collect(self, step: int) -> tuple[Rollouts, torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-        """Rollouts of this step; with dynamic sampling, extra prompts while too many groups are degenerate."""
+        """Rollouts of this step. With ``grpo.dynamic_sampling``, :class:`m2mega.rl.DynamicSampler` draws
+        extra prompts (from a separate, deterministic refill stream) while too few groups are informative."""
         g = self.cfg.grpo
-        r = self._rollouts(self.prompts(step), seed=self.cfg.seed * 1_000_003 + step)
+        seed0 = self.cfg.seed * 1_000_003
+        if not g.dynamic_sampling:
+            r = self._rollouts(self.prompts(step), seed=seed0 + step)
+            adv, keep, w = self._advantages(r)
+            return r, adv, keep, w, {"groups": float(keep.numel()), "degenerate_groups": float((~keep).sum()),
+                                     "refill_rounds": 0.0}
+        G = g.group_size
+        first = [True]
+
+        def generate(k: int) -> list[tuple[Rollouts, int]]:
+            if first[0]:
+                first[0] = False
+                r = self._rollouts(self.prompts(step), seed=seed0 + step)
+            else:
+                self.refill_draws += 1
+                # a stream of its own, far from the regular steps, so refills never repeat a step's prompts
+                r = self._rollouts(self.prompts(10_000_000 + self.refill_draws)[:k],
+                                   seed=seed0 + 10_000_000 + self.refill_draws)
+            return [(r, i) for i in range(r.n // G)]
+
+        sampler = DynamicSampler(batch_groups=len(self.prompts(step)), max_extra_rounds=g.max_refill_rounds,
+                                 tol=g.adv_eps, pad_with_degenerate=False,
+                                 rewards_of=lambda grp: grp[0].rewards[grp[1] * G : (grp[1] + 1) * G])
+        res = sampler.fill(generate)
+        r = _select_groups(res.groups, G)
         adv, keep, w = self._advantages(r)
-        info = {"groups": float(keep.numel()), "degenerate_groups": float((~keep).sum())}
-        extra_rounds = getattr(g, "max_refill_rounds", 0)
-        rounds = 0
-        while g.drop_zero_variance and rounds < extra_rounds and keep.float().mean() < 0.5:
-            rounds += 1
-            self.refill_draws += 1
-            more = self._rollouts(self.prompts(10_000_000 + self.refill_draws),
-                                  seed=self.cfg.seed * 1_000_003 + 10_000_000 + self.refill_draws)
-            a2, k2, w2 = self._advantages(more)
-            r = _concat_rollouts(r, more)
-            adv, keep, w = torch.cat([adv, a2]), torch.cat([keep, k2]), torch.cat([w, w2])
-        info["refill_rounds"] = float(rounds)
+        info = {"groups": float(res.generated), "degenerate_groups": float(res.filtered),
+                "refill_rounds": float(res.rounds - 1)}
         return r, adv, keep, w, info
 
     @torch.no_grad()
@@ -196,7 +211,7 @@ class GRPORunner:
             for m, lp in zip(flat, self._forward_logprobs(self.policy, flat)):
                 m.old_logp = lp
         fs = make_forward_step(temperature=g.temperature, clip_low=g.clip_low, clip_high=g.clip_high,
-                               dual_clip=getattr(g, "dual_clip", None), beta=beta)
+                               dual_clip=g.dual_clip, beta=beta)
         sums: dict[str, float] = defaultdict(float)
         for mbs in batches:
             res = self.trainer.train_step(iter(mbs), fs, num_microbatches=len(mbs))
@@ -224,23 +239,21 @@ class GRPORunner:
                 w.add_scalar(f"grpo/{k}", v, stats.iteration)
 
 
-def _concat_rollouts(a: Rollouts, b: Rollouts) -> Rollouts:
-    if a.group_size != b.group_size:
-        raise ValueError("cannot merge rollouts of different group sizes")
-    cat = lambda x, y: None if x is None else torch.cat([x, y])  # noqa: E731
+def _select_groups(groups: list[tuple[Rollouts, int]], G: int) -> Rollouts:
+    """One Rollouts of the chosen ``(rollouts, group index)`` pairs, in order."""
+    idx = [(r, k * G + j) for r, k in groups for j in range(G)]
+    pick = lambda attr: torch.stack([getattr(r, attr)[i] for r, i in idx]) if idx else None  # noqa: E731
     return Rollouts(
-        prompts=a.prompts + b.prompts,
-        group_size=a.group_size,
-        response_tokens=a.response_tokens + b.response_tokens,
-        finished=torch.cat([a.finished, b.finished]),
-        rollout_logprobs=(a.rollout_logprobs + b.rollout_logprobs) if a.rollout_logprobs and b.rollout_logprobs
-        else None,
-        texts=a.texts + b.texts,
-        rewards=cat(a.rewards, b.rewards),
-        accuracy=cat(a.accuracy, b.accuracy),
-        correct=cat(a.correct, b.correct),
-        format_ok=cat(a.format_ok, b.format_ok),
-        repetition=cat(a.repetition, b.repetition),
+        prompts=[r.prompts[k] for r, k in groups],
+        group_size=G,
+        response_tokens=[r.response_tokens[i] for r, i in idx],
+        finished=pick("finished"),
+        texts=[r.texts[i] for r, i in idx],
+        rewards=pick("rewards"),
+        accuracy=pick("accuracy"),
+        correct=pick("correct"),
+        format_ok=pick("format_ok"),
+        repetition=pick("repetition"),
     )
 
 
