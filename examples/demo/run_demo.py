@@ -30,7 +30,7 @@ SYSTEM_PROMPT = "Think step by step inside <think></think>, then give the final 
 
 # SFT micro-batches are THD packs of up to `seq` tokens (~6 samples at 1024), so one SFT iteration of
 # `sft_batch` packs sees ~25 samples: 120 iterations are ~2 epochs of the SFT split.
-FULL = dict(sft=2048, rl=512, eval=64, vocab=640, sft_iters=260, sft_batch=4, grpo_iters=24, prompts=8,
+FULL = dict(sft=2048, rl=512, eval=128, vocab=640, sft_iters=260, sft_batch=4, grpo_iters=40, prompts=8,
             group=8, new_tokens=40, seq=1024, tp=2)
 QUICK = dict(sft=48, rl=24, eval=8, vocab=400, sft_iters=4, sft_batch=2, grpo_iters=2, prompts=2,
              group=3, new_tokens=8, seq=1024, tp=2)
