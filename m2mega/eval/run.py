@@ -16,7 +16,34 @@ import json
 import sys
 from typing import Optional
 
-__all__ = ["evaluate_checkpoint", "main"]
+__all__ = ["evaluate_checkpoint", "load_policy", "prefix_prompts", "stop_token_ids", "main"]
+
+
+def load_policy(cfg, checkpoint: Optional[str]):
+    """This rank's stage of ``cfg``'s model family with ``checkpoint``'s weights (a checkpoint or a save
+    root; None: the same seeded init as training's, the "before training" baseline)."""
+    from m2mega.train.checkpoint import load_model_weights
+    from m2mega.train.families import get_model_family
+    from m2mega.train.loop import seed_everything
+
+    seed_everything(cfg.seed)
+    model = get_model_family(cfg.model.family).provider(cfg)
+    if checkpoint:
+        load_model_weights(checkpoint, [model])
+    return model
+
+
+def prefix_prompts(prefix: str) -> list:
+    """Every RL prompt of a preprocessed prefix, in stored order."""
+    from m2mega.data.loader import PromptDataset
+
+    ds = PromptDataset(prefix, 1, order="sequential")
+    return [ds.prompt(int(i)) for i in ds.plan.indices]
+
+
+def stop_token_ids(tok) -> list[int]:
+    """Generation stops at the end of the assistant turn (``<|im_end|>``) or ``<|endoftext|>``."""
+    return [tok.eos_id, tok.endoftext_id]
 
 
 def evaluate_checkpoint(cfg, eval_prefix: str, checkpoint: Optional[str], *, max_new_tokens: Optional[int] = None,
@@ -24,26 +51,17 @@ def evaluate_checkpoint(cfg, eval_prefix: str, checkpoint: Optional[str], *, max
     """Collective over the runtime's ranks (call ``m2mega.runtime.init`` first)."""
     import torch
 
-    from m2mega.data.loader import PromptDataset
     from m2mega.rewards import RewardConfig
     from m2mega.train import vlm
-    from m2mega.train.checkpoint import load_model_weights
-    from m2mega.train.families import get_model_family
-    from m2mega.train.loop import seed_everything
 
     from .held_out import evaluate_prompts
 
-    seed_everything(cfg.seed)  # the same seeded init as training's, for the untrained baseline
-    model = get_model_family(cfg.model.family).provider(cfg)
-    if checkpoint:
-        load_model_weights(checkpoint, [model])
+    model = load_policy(cfg, checkpoint)
     tok = vlm.tokenizer_from_prefix(eval_prefix)
-    ds = PromptDataset(eval_prefix, 1, order="sequential")
-    prompts = [ds.prompt(int(i)) for i in ds.plan.indices]
     with torch.no_grad():
         return evaluate_prompts(
-            model, prompts, lambda ids: tok.decode(ids, skip_special_tokens=True),
-            RewardConfig.from_dict(cfg.grpo.reward_config_dict()), eos_token_id=[tok.eos_id, tok.endoftext_id],
+            model, prefix_prompts(eval_prefix), lambda ids: tok.decode(ids, skip_special_tokens=True),
+            RewardConfig.from_dict(cfg.grpo.reward_config_dict()), eos_token_id=stop_token_ids(tok),
             pad_token_id=tok.pad_id, max_new_tokens=max_new_tokens or cfg.grpo.max_new_tokens,
             batch_size=batch_size, greedy=greedy, temperature=cfg.grpo.temperature, seed=cfg.seed)
 

@@ -198,6 +198,10 @@ class GRPOConfig:
     reward_overrides: dict = field(default_factory=dict)  # {task: {TaskRewardConfig field: value}}
     updates_per_rollout: int = 1  # optimizer steps on each batch of rollouts
 
+    def uses_kl(self) -> bool:
+        """Whether the KL term is ever non-zero (then a frozen reference policy is needed)."""
+        return (self.beta_max if self.kl_schedule == "cosine" else self.beta) > 0
+
     def reward_config_dict(self) -> dict:
         """The ``m2mega.rewards.RewardConfig.from_dict`` input these switches describe."""
         out: dict = {

@@ -99,7 +99,7 @@ class GRPORunner:
         self.refill_draws = 0  # prompts drawn beyond the regular schedule by dynamic sampling
         trainer.register_state("grpo_refill_draws", lambda: self.refill_draws,
                                lambda v: setattr(self, "refill_draws", int(v)))
-        if self.ref_model is None and (g.beta_max > 0 if g.kl_schedule == "cosine" else g.beta > 0):
+        if self.ref_model is None and g.uses_kl():
             raise ValueError("a KL coefficient > 0 needs ref_model (the frozen reference policy)")
 
     # ------------------------------------------------------------------ pieces
@@ -290,6 +290,7 @@ def run_grpo(cfg: TrainConfig, *, eval_prefix: Optional[str] = None,
     from megatron.core import parallel_state as ps
 
     from m2mega.data.loader import PromptDataset
+    from m2mega.eval.run import prefix_prompts, stop_token_ids
 
     from . import vlm
     from .families import get_model_family
@@ -310,12 +311,11 @@ def run_grpo(cfg: TrainConfig, *, eval_prefix: Optional[str] = None,
     if dist.get_rank() == 0:
         print("# m2mega GRPO\n# config\n" + to_yaml(cfg), flush=True)
     g = cfg.grpo
-    needs_ref = (g.beta_max if g.kl_schedule == "cosine" else g.beta) > 0
     # The reference is the policy we start from (model.init_from), copied before any resume.
-    ref = frozen_copy(trainer.model[0], lambda: fam.provider(cfg)) if needs_ref else None
+    ref = frozen_copy(trainer.model[0], lambda: fam.provider(cfg)) if g.uses_kl() else None
     decode = decode or (lambda ids: tok.decode(ids, skip_special_tokens=True))
     runner = GRPORunner(cfg, trainer, prompts.prompts, decode,
-                        eos_token_id=[tok.eos_id, tok.endoftext_id], pad_token_id=tok.pad_id, ref_model=ref)
+                        eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_id, ref_model=ref)
     trainer.resume()
     history: list[StepStats] = []
     trainer.start_progress(cfg.schedule.train_iters)
@@ -338,9 +338,8 @@ def run_grpo(cfg: TrainConfig, *, eval_prefix: Optional[str] = None,
         if eval_prefix:
             from m2mega.eval.held_out import evaluate_prompts
 
-            ev = PromptDataset(eval_prefix, 1, order="sequential")
             result["eval"] = evaluate_prompts(
-                runner.policy, [ev.prompt(int(i)) for i in ev.plan.indices], runner.decode, runner.reward_config,
+                runner.policy, prefix_prompts(eval_prefix), runner.decode, runner.reward_config,
                 eos_token_id=runner.eos, pad_token_id=runner.pad, max_new_tokens=g.max_new_tokens)
         return result
     finally:
@@ -364,12 +363,11 @@ def write_rollouts(*, checkpoint: str, input_path: str, output_path: str, num_ro
     import m2mega.runtime as rt
     from megatron.core import parallel_state as ps
 
-    from m2mega.data.loader import PromptDataset
     from m2mega.data.preprocess import PreprocessConfig, preprocess
+    from m2mega.eval.run import load_policy, prefix_prompts, stop_token_ids
 
     from . import vlm
-    from .checkpoint import find_latest, load_model_weights
-    from .families import get_model_family
+    from .checkpoint import find_latest
 
     ckpt = checkpoint
     if not os.path.isfile(os.path.join(ckpt, "config.yaml")):
@@ -394,11 +392,9 @@ def write_rollouts(*, checkpoint: str, input_path: str, output_path: str, num_ro
         if dist.get_rank() == 0:
             preprocess([input_path], prefix, pre, reject_file=output_path + ".rejects.jsonl")
         dist.barrier()
-        model = get_model_family(cfg.model.family).provider(cfg)
-        load_model_weights(ckpt, [model])
+        model = load_policy(cfg, ckpt)
         tok = vlm.tokenizer_from_prefix(cfg.data.train_prefix)
-        ds = PromptDataset(prefix, 1, order="sequential")
-        prompts = [ds.prompt(int(i)) for i in ds.plan.indices]
+        prompts = prefix_prompts(prefix)
         g = cfg.grpo
         n = 0
         out = open(output_path, "w", encoding="utf-8") if dist.get_rank() == 0 else None
@@ -407,7 +403,7 @@ def write_rollouts(*, checkpoint: str, input_path: str, output_path: str, num_ro
                 chunk = prompts[start : start + batch_prompts]
                 r = generate_rollouts(model, chunk, group_size=num_rollouts, max_new_tokens=g.max_new_tokens,
                                       temperature=g.temperature, top_p=g.top_p,
-                                      eos_token_id=[tok.eos_id, tok.endoftext_id], pad_token_id=tok.pad_id,
+                                      eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_id,
                                       seed=cfg.seed + start)
                 for k, p in enumerate(chunk):
                     texts = [tok.decode(r.response_tokens[k * num_rollouts + j].tolist(), skip_special_tokens=True)

@@ -20,11 +20,11 @@ from torch import Tensor
 
 from m2mega.kernels import fused_grpo_loss, fused_linear_logprob
 
+from m2mega.data.loader import IGNORE_INDEX
+
 from .rollout import Rollouts
 
 __all__ = ["PackedRollouts", "pack_rollouts", "split_into_microbatches", "make_forward_step"]
-
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import torch
 
 from m2mega.models.qwen25vl import Qwen25VLConfig, preset
 
@@ -58,14 +57,6 @@ def qwen25vl_flops_per_token(arch: Qwen25VLConfig, seq_length: int) -> float:
     dense = t.num_layers * per_layer + t.hidden_size * t.vocab_size  # + output layer
     attn = 12 * t.num_layers * t.hidden_size * seq_length / 2
     return float(6 * dense + attn)
-
-
-def model_dtype(precision: str) -> torch.dtype:
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp32":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
 def tokenizer_from_prefix(prefix: str):
