@@ -8,12 +8,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.m2mega-installed
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 PYTEST_ARGS ?=
+SEEDS ?= 1
 
 .PHONY: test demo venv clean check-python help
 
 help:
 	@echo "make test   - set up .venv and run the test suite (CPU; GPU tests skip without CUDA)"
-	@echo "make demo   - set up .venv and run the CPU demo (examples/demo)"
+	@echo "make demo   - set up .venv and run the CPU demo (examples/demo; SEEDS=3 runs three seeds + a 95% interval)"
 	@echo "make venv   - only set up .venv"
 
 check-python:
@@ -35,7 +36,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) examples/demo/run_demo.py
+	$(PY) examples/demo/run_demo.py --seeds $(SEEDS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info m2mega/_C*.so demo_output

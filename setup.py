@@ -73,6 +73,7 @@ setup(
         "tokenizers",
         "pillow",
         "sympy",
+        "math-verify>=0.9,<0.10",  # the math answer grader engine (m2mega.rewards.grader; pins latex2sympy2_extended)
         "pyyaml",
         "tqdm",
         "tensorboard",
@@ -81,7 +82,7 @@ setup(
         "transformers>=5.0",  # HuggingFaceTokenizer (AutoTokenizer) in tools/preprocess_data.py
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "transformers>=5.0"],
+        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "transformers>=5.0", "wandb"],
         "parity": ["transformers>=5.0"],
         "gpu": ["transformer-engine", "flash-attn", "liger-kernel"],
     },

@@ -303,5 +303,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
+    # Appended, not prepended: the repo's kernels/ must not shadow the PyPI package 'kernels' that
+    # transformers imports (m2mega installs it as m2mega.kernels).
+    sys.path.append(str(ROOT))
     main()

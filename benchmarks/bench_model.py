@@ -39,7 +39,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# Appended, not prepended: the repo's kernels/ must not shadow the PyPI package 'kernels' that
+# transformers imports (m2mega installs it as m2mega.kernels).
+sys.path.append(str(ROOT))
 
 
 def _parse(argv):

@@ -19,23 +19,32 @@ def tiny_cfg(tmp_path=None, **sections):
     """A tiny GPT SFT config (dropout on, so RNG restore matters); ``sections`` override per section."""
     base = {
         "seed": 11,
-        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
-                  "ffn_hidden_size": 40, "vocab_size": 66, "max_position_embeddings": 32,
-                  "hidden_dropout": 0.1, "attention_dropout": 0.1},
+        "model": {"family": "gpt", "hidden_dropout": 0.1, "attention_dropout": 0.1,
+                  "gpt": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
+                          "ffn_hidden_size": 40, "vocab_size": 66, "max_position_embeddings": 32}},
         "optimizer": {"lr": 3e-3, "min_lr": 1e-4, "weight_decay": 0.01, "clip_grad": 1.0},
         "schedule": {"train_iters": 6, "micro_batch_size": 2, "global_batch_size": 4, "seq_length": 16,
                      "lr_warmup_iters": 2},
         "logging": {"progress": "none"},
         "checkpoint": {"save_dir": None if tmp_path is None else str(tmp_path / "ckpt"), "save_at_end": False,
                        "save_threads": 1},
-        "data": {"seed": 5},
+        "data": {"seed": 5, "source": "synthetic"},
     }
     for sec, vals in sections.items():
         if isinstance(vals, dict):
             base.setdefault(sec, {}).update(vals)
         else:
             base[sec] = vals
+    # The gpt family's shape lives under model.gpt; callers pass shape keys flat, as above.
+    model = base["model"]
+    model.setdefault("family", "gpt")
+    shape = {k: model.pop(k) for k in _GPT_SHAPE_KEYS if k in model}
+    model["gpt"] = {**model.get("gpt", {}), **shape}
     return from_dict(base)
+
+
+_GPT_SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                   "vocab_size", "max_position_embeddings", "rotary_base", "untie_embeddings")
 
 
 @pytest.fixture
@@ -119,6 +128,34 @@ def test_resume_refuses_a_changed_schedule_and_restores_optimizer(runtime, tmp_p
     t.close()
 
 
+def test_resume_with_override_scheduler_adopts_the_new_lr(runtime, tmp_path):
+    """A changed peak LR on resume is refused naming the flag, and with checkpoint.override_scheduler the
+    resumed steps run at the new schedule's LR (megatron keeps a max_lr in every optimizer param group,
+    restored from the checkpoint: adopting only the scheduler's value would keep the old peak)."""
+    from m2mega.train.loop import Trainer, train
+    from m2mega.train.sft import gpt_model_provider, sft_data_provider, sft_forward_step
+
+    const = {"train_iters": 4, "lr_warmup_iters": 0, "lr_decay_style": "constant"}
+    cfg = tiny_cfg(tmp_path, schedule=const, optimizer={"lr": 1e-3, "min_lr": 1e-3},
+                   checkpoint={"save_at_end": True})
+    train(cfg, gpt_model_provider, sft_forward_step, sft_data_provider, stop_at=2)
+    new_lr = {"lr": 4e-3, "min_lr": 4e-3}
+    refused = tiny_cfg(tmp_path, schedule=const, optimizer=new_lr)
+    t = Trainer(refused, gpt_model_provider)
+    with pytest.raises(ValueError, match=r"max_lr.*checkpoint\.override_scheduler=true"):
+        t.resume(sft_data_provider(refused, "train"))
+    t.close()
+    adopted = tiny_cfg(tmp_path, schedule=const, optimizer=new_lr, checkpoint={"override_scheduler": True})
+    t = Trainer(adopted, gpt_model_provider)
+    ck = t.resume(sft_data_provider(adopted, "train"))
+    assert ck.iteration == 2 and ck.loaded_optimizer
+    it = iter(sft_data_provider(adopted, "train"))
+    t.train_step(it, sft_forward_step)
+    assert t.lr == pytest.approx(4e-3), f"resumed at lr {t.lr}, not the config's 4e-3"
+    assert all(g.get("max_lr", 4e-3) == pytest.approx(4e-3) for g in t.optimizer.param_groups)
+    t.close()
+
+
 def _fake_ckpt(root, it, complete=True):
     d = root / f"iter_{it:07d}"
     d.mkdir(parents=True)
@@ -138,9 +175,10 @@ def test_latest_selection_ignores_partial_saves(tmp_path):
     (root / "iter_0000010.tmp").mkdir()  # a save that crashed before its rename
     assert find_latest(str(root)) == (6, str(root / "iter_0000006"))
     (root / "latest").write_text("4\n")
-    assert find_latest(str(root))[0] == 4  # the marker wins when it names a complete checkpoint
+    # A marker lagging behind (a crash between rename and marker update) never hides the newest complete save
+    assert find_latest(str(root))[0] == 6
     (root / "latest").write_text("10\n")
-    assert find_latest(str(root))[0] == 6  # ... and is ignored when it does not
+    assert find_latest(str(root))[0] == 6  # ... nor does one naming an incomplete save
     (root / "latest").write_text("garbage")
     assert find_latest(str(root))[0] == 6
     _prune(str(root), keep_last=2, keep=str(root / "iter_0000006"))

@@ -31,6 +31,14 @@ def test_demo_quick(tmp_path):
     results = (out / "results.md").read_text()
     assert "after GRPO" in results and ("GRPO raised" in results or "GRPO did NOT raise" in results)
     assert (out / "reward_curve.png").stat().st_size > 1000
+    # the held-out curve: before the first step and after it, every task, greedy + sampled mean@2/pass@2
+    val = json.loads((out / "grpo_validation.json").read_text())
+    assert [v["iteration"] for v in val] == [0, 2], val
+    for v in val:
+        assert {"general", "spatial", "all"} <= set(v["table"]), v
+        assert {"correct", "reward", "mean@2", "pass@2"} <= set(v["table"]["all"]), v
+    summary = (out / "summary.md").read_text()
+    assert "| 1234 |" in summary and ("TARGET MET" in summary or "TARGET MISSED" in summary), summary
 
     # difficulty scoring from a checkpoint (tools/score_difficulty.py --checkpoint), on the demo's RL rows
     scored = out / "rl_scored.jsonl"

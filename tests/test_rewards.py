@@ -207,7 +207,7 @@ def test_math_equal_true(pred, gt):
         ("9**9**9**9", "1"),  # refused (would need ~10^8 digits), never hangs
         ("10^{100000}", "1"),
         ("__import__('os').system('true')", "0"),  # not code: a parse error, never evaluated
-        ("lambda: 1", "1"),
+        ("lambda: 2", "1"),  # ("lambda: 1" reads as the labelled answer 1, like "x: 1"; code safety below)
         ("((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((1", "1"),
     ],
 )
@@ -225,40 +225,41 @@ def test_math_equal_hostile_inputs_are_fast():
     assert time.perf_counter() - t0 < 5.0
 
 
-def test_math_equal_timeout_and_threads(monkeypatch):
+def test_math_equal_never_runs_model_text(tmp_path):
+    planted = tmp_path / "pwned"
+    for code in (f"__import__('pathlib').Path('{planted}').touch()", f"(lambda: open('{planted}', 'w'))()"):
+        assert not math_equal(code, "1")
+        assert math_equal(code, "1", timeout_s=0.5) is False
+    assert not planted.exists()
+
+
+def test_math_equal_bounded_on_any_thread():
+    """The limit is a worker process, not SIGALRM: it holds off the main thread, and an outer timer of the
+    caller (a watchdog, pytest-timeout) is never touched."""
+    import signal
     import threading
 
-    import m2mega.rewards.math_equiv as me
-
-    assert me.math_equal("2x", "x+x")  # off the main thread: no timer, same answer
-    out = []
-    th = threading.Thread(target=lambda: out.append(me.math_equal("2x", "x+x")))
-    th.start()
-    th.join()
-    assert out == [True]
-
-    def stuck(p, g, tol):
-        while True:
-            time.sleep(0.005)
-
-    monkeypatch.setattr(me, "_equal", stuck)
-    t0 = time.perf_counter()
-    assert me.math_equal("1", "1", timeout_s=0.2) is False
-    assert time.perf_counter() - t0 < 2.0
-    import signal
-
-    # An outer timer (a watchdog, pytest-timeout) is suspended, then re-armed with its remaining time.
     fired = []
-    prev_handler = signal.signal(signal.SIGALRM, lambda *a: fired.append(1))
+
+    def mine(*a):
+        fired.append(1)
+
+    prev_handler = signal.signal(signal.SIGALRM, mine)
     prev_timer = signal.setitimer(signal.ITIMER_REAL, 30.0)
     try:
-        assert me.math_equal("1", "1", timeout_s=0.2) is False
+        out = []
+
+        def work():
+            t0 = time.perf_counter()
+            out.append((math_equal("(1+10^{-40})^{10^{40}}", "1", timeout_s=1.0), math_equal("2x", "x+x"),
+                        time.perf_counter() - t0))  # fmt: skip
+
+        th = threading.Thread(target=work)
+        th.start()
+        th.join(30)
+        assert out and out[0][0] is False and out[0][1] is True
         left = signal.getitimer(signal.ITIMER_REAL)[0]
-        assert 25.0 < left < 30.0 and signal.getsignal(signal.SIGALRM) is not None and not fired
-        # An outer timer due sooner than our limit is left alone (it fires first).
-        monkeypatch.undo()
-        signal.setitimer(signal.ITIMER_REAL, 0.1)
-        assert me.math_equal("2x", "x+x", timeout_s=5.0)
+        assert 20.0 < left < 30.0 and not fired and signal.getsignal(signal.SIGALRM) is mine
     finally:
         signal.setitimer(signal.ITIMER_REAL, *prev_timer)
         signal.signal(signal.SIGALRM, prev_handler)

@@ -64,7 +64,7 @@ def test_short_sft_lowers_loss_lr_schedule_and_tensorboard(runtime, tmp_path, ca
               flops_per_token=gpt_flops_per_token)
     t.close()
     first, last = sum(s.losses[:3]) / 3, sum(s.losses[-4:]) / 4
-    assert first > 0.9 * math.log(cfg.model.vocab_size), f"untrained loss {first} should be near ln(V)"
+    assert first > 0.9 * math.log(cfg.model.gpt.vocab_size), f"untrained loss {first} should be near ln(V)"
     assert last < first - 0.7, f"loss did not go down: first {first:.3f}, last {last:.3f} ({s.losses})"
     assert s.eval_metrics["lm loss"] < first - 0.5  # held-out samples improve too
     # megatron's schedule: the step at iteration i uses lr(i - 1); linear warmup from 0, then cosine.

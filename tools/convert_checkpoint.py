@@ -32,9 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--dtype", default=None, help="cast to this dtype (default: keep the checkpoint's; bit-exact)")
     a.add_argument("--timeout-s", type=float, default=3600.0)
     b = sub.add_parser("mcore-to-hf", help="megatron distributed checkpoint -> HF safetensors directory")
-    b.add_argument("--mcore-dir", required=True)
+    b.add_argument("--mcore-dir", required=True,
+                   help="a checkpoint (converted or iter_* of a training run) or a training save root (its newest "
+                        "intact checkpoint); only model weights are read")
     b.add_argument("--out", required=True)
     b.add_argument("--max-shard-size", default="5GB")
+    b.add_argument("--dtype", default=None,
+                   help="write weights in this dtype (default: the one the checkpoint's config.json names)")
     b.add_argument("--style", choices=("hub", "transformers"), default="hub",
                    help="tensor names: hub (as released / as save_pretrained writes) or transformers module names")
     return p
@@ -66,8 +70,10 @@ def main(argv=None) -> int:
                                   timeout_s=args.timeout_s)
         print(json.dumps({"out": args.out, "ranks": res}))
         return 0
-    res = convert_mcore_to_hf(args.mcore_dir, args.out, max_shard_size=args.max_shard_size, style=args.style)
-    print(json.dumps({"out": args.out, "tensors": res["tensors"], "sidecar_files": res["sidecar_files"],
+    res = convert_mcore_to_hf(args.mcore_dir, args.out, max_shard_size=args.max_shard_size, style=args.style,
+                              dtype=args.dtype)
+    print(json.dumps({"out": args.out, "tensors": res["tensors"], "dtype": res["dtype"],
+                      "sidecar_files": res["sidecar_files"],
                       "shards": len(set(res["index"]["weight_map"].values())) if res["index"] else 1}))
     return 0
 

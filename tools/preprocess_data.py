@@ -17,10 +17,11 @@ import argparse
 import json
 import sys
 
+# Only light modules here (no torch/megatron): `--help` and argument errors answer at once. The engine
+# (m2mega.data.preprocess, which loads megatron's IndexedDataset) is imported in main().
 from m2mega.data.chat_template import DEFAULT_SYSTEM_PROMPT
-from m2mega.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from m2mega.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, IMAGE_FORMATS
 from m2mega.data.ordering import ORDERS
-from m2mega.data.preprocess import IMAGE_FORMATS, ConfigError, PreprocessConfig, preprocess
 from m2mega.data.tokenizer import TOKENIZER_TYPES
 
 
@@ -62,6 +63,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args(argv)
+    from m2mega.data.preprocess import ConfigError, PreprocessConfig, preprocess
+
     cfg = PreprocessConfig(
         tokenizer_type=args.tokenizer_type,
         tokenizer_model=args.tokenizer_model,
@@ -84,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the engine has removed its temporary files
+        print("error: interrupted", file=sys.stderr)
+        return 130
     rate = res.rows / max(res.seconds, 1e-9)
     print(
         f"rows {res.rows}  accepted {res.accepted}  rejected {res.rejected} ({100 * res.reject_fraction:.2f}%)  "

@@ -1,7 +1,9 @@
 """Checks run *before* any weights are loaded: checkpoint tensors vs the architecture config (HF side and
-megatron side), and a guard on the one pickle megatron's checkpoint format contains.
+megatron side), and guards on the pickles megatron's checkpoint format contains (``.metadata``, ``common.pt``)
+plus size checks of its ``*.distcp`` files.
 
-Every failure is a ``ValueError`` that names the offending tensors (missing, unexpected, wrong shape).
+Every failure is a ``ValueError`` that names the offending tensors (missing, unexpected, wrong shape) or
+file (:class:`UnsafeCheckpoint`, :class:`CorruptCheckpoint`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ __all__ = [
     "check_hf_tensors",
     "check_mcore_tensors",
     "verify_dcp_metadata",
+    "verify_dcp_checkpoint",
+    "read_dcp_metadata",
+    "safe_torch_load",
     "CheckpointMismatch",
+    "UnsafeCheckpoint",
+    "CorruptCheckpoint",
 ]
 
 _MAX_LISTED = 20
@@ -138,6 +145,22 @@ _ALLOWED_NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("c
                   ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")}
 
 
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint file references code outside the allow-list: refused before anything is unpickled."""
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint file is missing, truncated or unreadable. ``path`` names the file."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         import importlib
@@ -152,16 +175,72 @@ class _MetadataUnpickler(pickle.Unpickler):
             obj = getattr(importlib.import_module(module), name, None)
             if isinstance(obj, type):  # classes (dataclasses, enums), never functions
                 return obj
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        raise _Refused(f"refusing to unpickle {module}.{name}")
 
 
-def verify_dcp_metadata(ckpt_dir: str | os.PathLike) -> None:
-    """Raise ``ValueError`` unless ``ckpt_dir/.metadata`` references only checkpoint-metadata classes."""
+def read_dcp_metadata(ckpt_dir: str | os.PathLike):
+    """``ckpt_dir/.metadata`` unpickled with only checkpoint-metadata classes allowed (torch DCP itself uses
+    plain ``pickle.load``). Raises :class:`UnsafeCheckpoint` or :class:`CorruptCheckpoint` naming the file."""
     path = os.path.join(os.fspath(ckpt_dir), ".metadata")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{ckpt_dir} is not a megatron distributed checkpoint (no .metadata file)")
     with open(path, "rb") as f:
         try:
-            _MetadataUnpickler(f).load()
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"{path}: unsafe checkpoint metadata: {e}") from None
+            md = _MetadataUnpickler(f).load()
+        except _Refused as e:
+            raise UnsafeCheckpoint(f"{path}: unsafe checkpoint metadata: {e}") from None
+        except Exception as e:  # truncated or garbled pickle: EOFError, UnpicklingError, ValueError, ...
+            raise CorruptCheckpoint(path, f"unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+    if not hasattr(md, "state_dict_metadata") or not isinstance(getattr(md, "storage_data", None), dict):
+        raise CorruptCheckpoint(path, f"not torch.distributed.checkpoint metadata ({type(md).__name__})")
+    return md
+
+
+def verify_dcp_metadata(ckpt_dir: str | os.PathLike) -> None:
+    """Raise ``ValueError`` unless ``ckpt_dir/.metadata`` references only checkpoint-metadata classes."""
+    read_dcp_metadata(ckpt_dir)
+
+
+def safe_torch_load(path: str, data=None):
+    """``torch.load(weights_only=True)`` (torch's allow-list unpickler: tensors, containers, primitives) of a
+    file or of ``data`` (bytes read from ``path``), errors naming ``path``."""
+    import io
+
+    try:
+        return torch.load(io.BytesIO(data) if data is not None else path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        why = next((ln.split(":", 1)[1].split(" was not")[0].strip() for ln in lines if "WeightsUnpickler error" in ln),
+                   lines[0] if lines else repr(e))
+        raise UnsafeCheckpoint(f"{path}: refusing to unpickle a non-allow-listed object ({why})") from None
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # a truncated zip archive, bad magic, ...
+        raise CorruptCheckpoint(path, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def verify_dcp_checkpoint(ckpt_dir: str | os.PathLike):
+    """Everything a megatron ``torch_dist`` checkpoint load will read, checked before it reads it:
+    ``.metadata`` (allow-list unpickler), every ``*.distcp`` file the metadata points into (present, plain
+    name, long enough: a truncated file is caught here rather than as a bare ``EOFError`` mid-load) and
+    ``common.pt`` (weights-only unpickler). Returns the metadata. Objects stored inside ``*.distcp`` are
+    unpickled during the load itself, by :mod:`m2mega.convert.safe_dcp`'s weights-only planner."""
+    ckpt_dir = os.fspath(ckpt_dir)
+    md = read_dcp_metadata(ckpt_dir)
+    need: dict[str, int] = {}
+    for info in md.storage_data.values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or os.path.basename(rel) != rel or rel in ("", ".", ".."):
+            raise UnsafeCheckpoint(f"{ckpt_dir}/.metadata: storage file {rel!r} is not a plain file name")
+        need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
+    for rel, end in sorted(need.items()):
+        path = os.path.join(ckpt_dir, rel)
+        if not os.path.isfile(path):
+            raise CorruptCheckpoint(path, "missing (the checkpoint metadata references it)")
+        size = os.path.getsize(path)
+        if size < end:
+            raise CorruptCheckpoint(path, f"truncated: {size} bytes, the checkpoint metadata needs {end}")
+    common = os.path.join(ckpt_dir, "common.pt")
+    if os.path.isfile(common):
+        safe_torch_load(common)
+    return md

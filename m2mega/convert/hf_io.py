@@ -7,15 +7,17 @@ converting an untrusted download never unpickles anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "image_processor_config",
     "INDEX_NAME",
     "SINGLE_NAME",
     "hf_weight_files",
@@ -31,11 +33,26 @@ SINGLE_NAME = "model.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Non-weight files worth carrying along: configs, tokenizer, chat template, processor settings.
 SIDECAR_SUFFIXES = (".json", ".txt", ".jinja", ".model", ".tiktoken")
+# A megatron checkpoint directory's own files (and the layout record m2mega adds): never HF sidecars.
+MCORE_OWN_FILES = frozenset({"metadata.json", "common.pt", ".metadata", "m2mega_checkpoint.json"})
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+@contextlib.contextmanager
+def _open_shard(path: str, **kwargs) -> Iterator:
+    """``safe_open`` whose errors (a truncated shard, a bad header, a failed read) name the shard: the
+    library's own messages ("invalid header", "incomplete metadata") do not say which file of many."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt", **kwargs) as f:
+            yield f
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"safetensors shard {path}: {type(e).__name__}: {e}") from None
 
 
 def hf_weight_files(hf_dir: str | os.PathLike) -> dict[str, str]:
@@ -59,9 +76,7 @@ def hf_weight_files(hf_dir: str | os.PathLike) -> dict[str, str]:
         return {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
     single = os.path.join(hf_dir, SINGLE_NAME)
     if os.path.isfile(single):
-        from safetensors import safe_open
-
-        with safe_open(single, framework="pt") as f:
+        with _open_shard(single) as f:
             return {k: single for k in f.keys()}
     pickled = sorted(fn for fn in os.listdir(hf_dir) if fn.endswith(_PICKLE_SUFFIXES))
     if pickled:
@@ -75,14 +90,12 @@ def hf_weight_files(hf_dir: str | os.PathLike) -> dict[str, str]:
 def read_hf_headers(files: Mapping[str, str]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """(shape, dtype) of every tensor from the safetensors headers, reading no tensor data. Checks that each
     file really holds the tensors the index assigns to it."""
-    from safetensors import safe_open
-
     by_file: dict[str, list[str]] = {}
     for name, path in files.items():
         by_file.setdefault(path, []).append(name)
     out = {}
     for path, names in by_file.items():
-        with safe_open(path, framework="pt") as f:
+        with _open_shard(path) as f:
             present = set(f.keys())
             for name in names:
                 if name not in present:
@@ -97,14 +110,12 @@ def read_hf_headers(files: Mapping[str, str]) -> dict[str, tuple[tuple[int, ...]
 
 def load_hf_tensors(files: Mapping[str, str], names: Iterable[str]) -> dict[str, Tensor]:
     """Read just ``names`` (each file opened once, memory-mapped)."""
-    from safetensors import safe_open
-
     by_file: dict[str, list[str]] = {}
     for n in names:
         by_file.setdefault(files[n], []).append(n)
     out = {}
     for path, ns in by_file.items():
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with _open_shard(path, device="cpu") as f:
             for n in ns:
                 out[n] = f.get_tensor(n)
     return out
@@ -143,14 +154,35 @@ def save_hf_sharded(state_dict: Mapping[str, Tensor], out_dir: str | os.PathLike
     return index
 
 
-def copy_sidecar_files(src: str | os.PathLike, dst: str | os.PathLike, *, exclude: Iterable[str] = ()) -> list[str]:
-    """Copy config / tokenizer / template files (not weights, not the weight index) from ``src`` to ``dst``."""
-    skip = {INDEX_NAME, *exclude}
+def copy_sidecar_files(src: str | os.PathLike, dst: str | os.PathLike, *, exclude: Iterable[str] = (),
+                       only: Iterable[str] | None = None) -> list[str]:
+    """Copy config / tokenizer / template files (not weights, not the weight index, never a megatron
+    checkpoint's own files) from ``src`` to ``dst``; ``only``: just these names."""
+    skip = {INDEX_NAME, *MCORE_OWN_FILES, *exclude}
+    keep = None if only is None else set(only)
     copied = []
     for fn in sorted(os.listdir(src)):
         path = os.path.join(src, fn)
         if fn in skip or not os.path.isfile(path) or not fn.endswith(SIDECAR_SUFFIXES):
             continue
+        if keep is not None and fn not in keep:
+            continue
         shutil.copyfile(path, os.path.join(dst, fn))
         copied.append(fn)
     return copied
+
+
+def image_processor_config(min_pixels: int, max_pixels: int, patch_size: int = 14, merge_size: int = 2,
+                           temporal_patch_size: int = 2) -> dict[str, Any]:
+    """transformers' ``Qwen2VLImageProcessor`` settings for m2mega's packing (CLIP statistics, bicubic)."""
+    from m2mega.ops.vision_pack import CLIP_MEAN, CLIP_STD
+
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+        "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True,
+        "min_pixels": int(min_pixels), "max_pixels": int(max_pixels),
+        "size": {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)},
+        "patch_size": patch_size, "temporal_patch_size": temporal_patch_size, "merge_size": merge_size,
+    }

@@ -31,23 +31,34 @@ from .checks import (
     check_mcore_tensors,
     verify_dcp_metadata,
 )
-from .hf_io import copy_sidecar_files, hf_weight_files, load_hf_tensors, read_hf_headers, save_hf_sharded
+from .hf_io import (
+    MCORE_OWN_FILES,
+    copy_sidecar_files,
+    hf_weight_files,
+    image_processor_config,
+    load_hf_tensors,
+    read_hf_headers,
+    save_hf_sharded,
+)
 
 __all__ = [
     "convert_hf_to_mcore",
     "convert_mcore_to_hf",
     "load_mcore_checkpoint",
     "check_hf_checkpoint",
+    "resolve_export_source",
     "save_hf_as_mcore_rank",
     "LAYOUT_FILE",
 ]
 
 LAYOUT_FILE = "m2mega_checkpoint.json"
 # Files megatron's checkpoint directory owns; HF sidecars must not overwrite them and are not copied back.
-_MCORE_OWN = {"metadata.json", "common.pt", ".metadata", LAYOUT_FILE}
+_MCORE_OWN = MCORE_OWN_FILES
+assert LAYOUT_FILE in _MCORE_OWN
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_TRAINING_STATE_PREFIXES = ("optimizer.", "rng_state")
 
 
 def _dtype(d: str | torch.dtype | None) -> Optional[torch.dtype]:
@@ -159,6 +170,14 @@ def save_hf_as_mcore_rank(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
     dist.barrier()
     if dist.get_rank() == 0:
         copied = copy_sidecar_files(hf_dir, out_dir, exclude=_MCORE_OWN)
+        if "preprocessor_config.json" not in copied:
+            # A model saved alone (save_pretrained) has none: record the processor defaults so the
+            # checkpoint still describes how its images are to be preprocessed.
+            from m2mega.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+
+            with open(os.path.join(out_dir, "preprocessor_config.json"), "w", encoding="utf-8") as f:
+                json.dump(image_processor_config(DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS), f, indent=2)
+            copied.append("preprocessor_config.json")
         with open(os.path.join(out_dir, LAYOUT_FILE), "w") as f:
             json.dump({"format": "megatron-core torch_dist", "model": "qwen2_5_vl", "saved_tp": tp, "saved_pp": pp,
                        "first_stage_layers": first_stage_layers, "dtype": str(model_dtype).replace("torch.", ""),
@@ -228,11 +247,24 @@ def _expected_global_shapes(model) -> dict[str, tuple[tuple[int, ...], bool]]:
 
 
 def _saved_global_shapes(ckpt_dir: str) -> dict[str, tuple[tuple[int, ...], bool]]:
-    from megatron.core import dist_checkpointing
+    from . import safe_dcp
 
-    verify_dcp_metadata(ckpt_dir)
-    meta = dist_checkpointing.load_tensors_metadata(ckpt_dir)
-    return {k: (tuple(sh.global_shape), bool(sh.allow_shape_mismatch)) for k, sh in meta.items()}
+    verify_dcp_metadata(ckpt_dir)  # (safe_dcp verifies too; kept for the FileNotFoundError on a non-checkpoint)
+    meta = safe_dcp.load_tensors_metadata(ckpt_dir)
+    return {k: (tuple(sh.global_shape), bool(sh.allow_shape_mismatch)) for k, sh in meta.items()
+            if not _is_training_state(k)}
+
+
+def _is_training_state(key: str) -> bool:
+    # A training checkpoint also holds optimizer and RNG state beside the model; only the model converts.
+    return key.startswith(_TRAINING_STATE_PREFIXES)
+
+
+def _has_training_state(ckpt_dir: str) -> bool:
+    from .checks import read_dcp_metadata
+
+    # Every saved item, objects (the RNG state) included: load_tensors_metadata lists tensors only.
+    return any(_is_training_state(k) for k in read_dcp_metadata(ckpt_dir).state_dict_metadata)
 
 
 def _saved_ffn_overrides(saved: dict, cfg: Qwen25VLConfig) -> tuple[dict, dict]:
@@ -274,7 +306,6 @@ def _check_ffn_padding(local: dict, cfg: Qwen25VLConfig, lang: dict, vis: dict) 
 def load_mcore_checkpoint(model, ckpt_dir: str | os.PathLike, cfg: Qwen25VLConfig | None = None) -> None:
     """Load a megatron distributed checkpoint into this rank's model stage, at any TP x PP. Checks the
     checkpoint's tensors (names and global shapes) against the model first and lists every mismatch."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     ckpt_dir = os.fspath(ckpt_dir)
@@ -291,7 +322,14 @@ def load_mcore_checkpoint(model, ckpt_dir: str | os.PathLike, cfg: Qwen25VLConfi
                 "with; load it at a TP that pads them the same way, or export it to HF and re-convert)"
             ) from None
         raise
-    state = dist_checkpointing.load(model.sharded_state_dict(), ckpt_dir, strict=StrictHandling.RAISE_ALL)
+    from . import safe_dcp  # allow-list unpicklers for .metadata and stored objects (_extra_state)
+
+    # Every model tensor was checked present above; a training checkpoint's optimizer/RNG entries are the only
+    # unexpected ones then, and are not read.
+    strict = StrictHandling.ASSUME_OK_UNEXPECTED if _has_training_state(ckpt_dir) else StrictHandling.RAISE_ALL
+    request = model.sharded_state_dict()
+    state = safe_dcp.load(request, ckpt_dir, strict=strict)
+    state = {k: v for k, v in state.items() if k in request}  # not a training checkpoint's common state
     model.load_state_dict(state, strict=True)
 
 
@@ -317,26 +355,59 @@ def _single_rank_runtime():
         rt.shutdown()
 
 
+def resolve_export_source(path: str | os.PathLike) -> str:
+    """One checkpoint directory, or a training save root: its newest intact checkpoint."""
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, ".metadata")):
+        return path
+    # The iter_*/latest layout of training saves (and which of them are intact) is the trainer's to know.
+    from m2mega.train.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(path)
+
+
+def _export_dtype(mcore_dir: str, cfg_json: dict, requested: str | torch.dtype | None) -> torch.dtype | None:
+    """``--dtype``, else the HF config's ``torch_dtype``/``dtype``; None: keep the checkpoint's (bit-exact)."""
+    if requested is not None:
+        return _dtype(requested)
+    name = cfg_json.get("torch_dtype") or cfg_json.get("dtype") or (cfg_json.get("text_config") or {}).get("dtype")
+    try:
+        return _dtype(name) if isinstance(name, str) else None
+    except ValueError:
+        return None
+
+
 def convert_mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                        max_shard_size: int | str = "5GB", style: str = "hub") -> dict[str, Any]:
-    """Export a megatron distributed checkpoint written by :func:`convert_hf_to_mcore` (or by training, with
-    the config.json beside it) to an HF directory: sharded safetensors, the index json, config and tokenizer
-    files. Loads at TP1/PP1 in this process (needs host memory for the whole model, about twice over)."""
+                        max_shard_size: int | str = "5GB", style: str = "hub",
+                        dtype: str | torch.dtype | None = None) -> dict[str, Any]:
+    """Export a megatron distributed checkpoint to an HF directory: sharded safetensors, the index json,
+    config, tokenizer and image-processor files. ``mcore_dir``: a checkpoint written by
+    :func:`convert_hf_to_mcore` or by training (weights only are read: optimizer and RNG state are
+    ignored), or a training save root (its newest intact checkpoint). Tensors are written in ``dtype``, else
+    in the dtype the HF config names. Loads at TP1/PP1 in this process (host memory for the model, about
+    twice over)."""
     from m2mega.models.qwen25vl.model import build_model
     from m2mega.models.qwen25vl.sharding import mcore_to_hf, merge_shards
 
-    mcore_dir, out_dir = os.fspath(mcore_dir), os.fspath(out_dir)
+    mcore_dir, out_dir = resolve_export_source(mcore_dir), os.fspath(out_dir)
     if not os.path.isfile(os.path.join(mcore_dir, "config.json")):
-        raise FileNotFoundError(f"{mcore_dir} has no config.json (the HF config is needed to rebuild the model)")
+        raise FileNotFoundError(f"{mcore_dir} has no config.json (the HF config is needed to rebuild the model; "
+                                f"checkpoints written by m2mega carry it)")
     _check_out_dir(out_dir)
     cfg = Qwen25VLConfig.from_hf(mcore_dir)
+    with open(os.path.join(mcore_dir, "config.json"), encoding="utf-8") as f:
+        out_dtype = _export_dtype(mcore_dir, json.load(f), dtype)
     saved = _saved_global_shapes(mcore_dir)
-    from megatron.core import dist_checkpointing
+    from . import safe_dcp
 
-    dtypes = {str(sh.dtype) for sh in dist_checkpointing.load_tensors_metadata(mcore_dir).values()}
-    if len(dtypes) != 1:
-        raise ValueError(f"{mcore_dir} mixes dtypes {sorted(dtypes)}")
-    dtype = _dtype(dtypes.pop().replace("torch.", ""))
+    by_dtype: dict[str, list[str]] = {}
+    for k, sh in safe_dcp.load_tensors_metadata(mcore_dir).items():
+        if not _is_training_state(k):
+            by_dtype.setdefault(str(sh.dtype).replace("torch.", ""), []).append(k)
+    if len(by_dtype) != 1:
+        listing = "; ".join(f"{d}: {ks[:3]}" for d, ks in sorted(by_dtype.items()))
+        raise ValueError(f"{mcore_dir}: the model's tensors mix dtypes ({listing})")
+    dtype = _dtype(next(iter(by_dtype)))
     lang, vis = _saved_ffn_overrides(saved, cfg)
     with _single_rank_runtime():
         model = build_model(cfg, dtype, language_overrides=_no_init(lang), vision_overrides=_no_init(vis))
@@ -346,10 +417,20 @@ def convert_mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike
     _check_ffn_padding(local, cfg, lang, vis)
     hf = mcore_to_hf(merge_shards({(0, 0): local}, cfg, 1, 1), cfg, style=style)
     del local
+    if out_dtype is not None and out_dtype != dtype:
+        hf = {k: v.to(out_dtype) if v.is_floating_point() else v for k, v in hf.items()}
     if cfg.text.tie_word_embeddings:
         hf.pop("lm_head.weight")  # transformers does not store the tied head either
     index = save_hf_sharded(hf, out_dir, max_shard_size)
     copied = copy_sidecar_files(mcore_dir, out_dir, exclude=_MCORE_OWN)
     if "config.json" not in copied:
         raise RuntimeError(f"config.json was not copied from {mcore_dir}")
-    return {"index": index, "sidecar_files": copied, "tensors": len(hf)}
+    written = str(out_dtype or dtype).replace("torch.", "")
+    with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
+        hf_cfg = json.load(f)
+    if hf_cfg.get("torch_dtype", hf_cfg.get("dtype")) != written:  # the config names the dtype of the weights
+        hf_cfg["torch_dtype"] = written
+        hf_cfg.pop("dtype", None)
+        with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf_cfg, f, indent=2)
+    return {"index": index, "sidecar_files": copied, "tensors": len(hf), "dtype": written}

@@ -17,12 +17,10 @@ import warnings
 
 import numpy as np
 
-from m2mega.ops.vision_pack import smart_resize as _smart_resize
-
 from .schema import RejectError
 
-__all__ = ["PATCH_SIZE", "MERGE_SIZE", "FACTOR", "DEFAULT_MIN_PIXELS", "DEFAULT_MAX_PIXELS", "smart_resize",
-           "load_image", "grid_of", "vision_tokens"]
+__all__ = ["PATCH_SIZE", "MERGE_SIZE", "FACTOR", "DEFAULT_MIN_PIXELS", "DEFAULT_MAX_PIXELS", "IMAGE_FORMATS",
+           "smart_resize", "load_image", "grid_of", "vision_tokens"]
 
 PATCH_SIZE = 14
 MERGE_SIZE = 2
@@ -30,11 +28,15 @@ FACTOR = PATCH_SIZE * MERGE_SIZE
 TEMPORAL_PATCH = 2
 DEFAULT_MIN_PIXELS = 56 * 56  # Qwen2.5-VL image processor defaults
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+IMAGE_FORMATS = ("pixels", "patches")  # how preprocessing stores images: resized uint8, or packed patches
 
 
 def smart_resize(h: int, w: int, min_pixels: int, max_pixels: int, factor: int = FACTOR) -> tuple[int, int]:
     """Target (height, width): multiples of ``factor``, area in [min_pixels, max_pixels], aspect kept
     (the vision packing op's ``smart_resize``, HF's formula)."""
+    # Imported here: the vision op pulls in torch, which `tools/preprocess_data.py --help` must not wait for.
+    from m2mega.ops.vision_pack import smart_resize as _smart_resize
+
     return _smart_resize(h, w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
@@ -61,8 +63,9 @@ def _to_rgb(img):
 
 
 def load_image(path: str, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode ``path``, convert to RGB, bicubic-resize to the smart-resize size; uint8 [H, W, 3]."""
-    from PIL import Image
+    """Decode ``path``, apply its EXIF orientation, convert to RGB, bicubic-resize to the smart-resize size;
+    uint8 [H, W, 3]."""
+    from PIL import Image, ImageOps
 
     if not os.path.isfile(path):
         raise RejectError("image_missing", f"{path}")
@@ -71,7 +74,9 @@ def load_image(path: str, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int 
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()  # full decode now: truncated files raise here, not later
-                rgb = _to_rgb(img)
+                # A phone photo stored sideways with an orientation tag is shown upright by every viewer and
+                # by transformers' load_image (exif_transpose): the model must see it upright too.
+                rgb = _to_rgb(ImageOps.exif_transpose(img))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise RejectError("image_too_large", f"{path}: {e}") from None
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)

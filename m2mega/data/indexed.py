@@ -315,9 +315,29 @@ class IndexedSamples:
         self._doc = np.asarray(self.ds.document_indices)
         if len(self.samples) != len(self._doc) - 1:
             raise ValueError(f"{prefix}: sidecar has {len(self.samples)} samples, index has {len(self._doc) - 1}")
+        self._check_sizes()
         self.image_format: str = self.meta.get("image_format", "pixels")
         self.patch_dtype: str = self.meta.get("patch_dtype", "float32")
         self.special: dict[str, int] = self.meta.get("tokenizer", {})
+
+    def _check_sizes(self) -> None:
+        """A truncated or mismatched file fails here, naming it, not steps later as "buffer is smaller than
+        requested size" or as answers read back as ''. One vectorised pass over the index and sidecar."""
+        p, idx = self.prefix, self.ds.index
+        if len(idx.sequence_lengths):
+            ends = np.asarray(idx.sequence_pointers, np.int64) + np.asarray(idx.sequence_lengths, np.int64) * idx.dtype_size
+            need, have = int(ends.max()), os.path.getsize(p + ".bin")
+            if have < need:
+                raise ValueError(f"{p}.bin is truncated or damaged: {have} bytes, its index {p}.idx needs {need}")
+        s = self.samples
+        need = int(max((s["id_off"] + s["id_len"]).max(), (s["answer_off"] + s["answer_len"]).max()))
+        if len(self._strings) < need:
+            raise ValueError(f"{p}.strings.bin is truncated or damaged: {len(self._strings)} bytes, the sample "
+                             f"table {p}.samples.npy needs {need}")
+        need = int((s["image_start"].astype(np.int64) + s["n_images"]).max())
+        if len(self.grids) < need:
+            raise ValueError(f"{p}.grid.npy is truncated or damaged: {len(self.grids)} image grids, the sample "
+                             f"table {p}.samples.npy needs {need}")
 
     def __len__(self) -> int:
         return len(self.samples)

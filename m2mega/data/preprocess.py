@@ -24,7 +24,9 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -33,7 +35,8 @@ from typing import Iterator
 import numpy as np
 
 from .chat_template import DEFAULT_SYSTEM_PROMPT, render_segments, with_system_prompt
-from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, grid_of, load_image, vision_tokens
+from .dataset_meta import tokenizer_record
+from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, IMAGE_FORMATS, grid_of, load_image, vision_tokens
 from .indexed import EncodedSample, IndexedSamples, SampleWriter, dataset_files
 from .ordering import ORDERS, curriculum_order, shuffle_order
 from .schema import RejectError, Row, parse_row, reason_code
@@ -41,7 +44,6 @@ from .tokenizer import M2Tokenizer, build_tokenizer
 
 __all__ = ["ConfigError", "PreprocessConfig", "PreprocessResult", "encode_row", "preprocess", "loss_spans_from_mask"]
 
-IMAGE_FORMATS = ("pixels", "patches")
 
 
 class ConfigError(ValueError):
@@ -136,6 +138,37 @@ def _check_structure(ids: np.ndarray, is_img: np.ndarray, msgs: list[dict], row:
         raise RejectError("special_token_in_text", "the text contains special-token strings: " + ", ".join(bad))
 
 
+def _max_token_chars(tok: M2Tokenizer) -> int | None:
+    """Longest vocabulary entry, in characters: no token covers more text than that (byte-level BPE entries
+    are one character per byte, so this bounds bytes, hence characters, too). None when unknown."""
+    cached = tok.__dict__.get("_m2_max_token_chars", 0)
+    if cached != 0:
+        return cached
+    longest = None
+    if getattr(tok, "backend", None) is not None:  # HF tokenizers (fast backend)
+        longest = max(map(len, tok.backend.get_vocab(with_added_tokens=True)), default=None)
+    elif getattr(tok, "sp", None) is not None:  # SentencePiece
+        spm = tok.sp.tokenizer
+        longest = max([len(spm.id_to_piece(i)) for i in range(spm.get_piece_size())]
+                      + [len(t) for t in tok.sp.special_token_to_id], default=None)
+    tok.__dict__["_m2_max_token_chars"] = longest
+    return longest
+
+
+def _reject_surely_too_long(segments, tok: M2Tokenizer, seq_length: int) -> None:
+    """Reject a row whose text alone needs more than ``seq_length`` tokens, before tokenising it: BPE on a
+    multi-megabyte line runs for minutes (one 50 MB line stalled a run for over 10). ``chars / longest
+    token`` is a lower bound on the token count, so nothing that would fit is rejected."""
+    longest = _max_token_chars(tok)
+    if not longest:
+        return
+    chars = sum(len(s.text) for s in segments)
+    at_least = -(-chars // longest)
+    if at_least > seq_length:
+        raise RejectError("too_long", f"at least {at_least} tokens ({chars} characters, at most {longest} per "
+                                      f"token) > --seq-length {seq_length}")
+
+
 def encode_row(row: Row, tok: M2Tokenizer, cfg: PreprocessConfig, file: int = 0, line: int = 0) -> EncodedSample:
     """Validated row -> stored sample (tokens, loss spans, images); :class:`RejectError` when it cannot be."""
     if cfg.order == "curriculum" and math.isnan(row.difficulty):
@@ -146,7 +179,9 @@ def encode_row(row: Row, tok: M2Tokenizer, cfg: PreprocessConfig, file: int = 0,
             raise RejectError("low_quality", f"quality {q:.4g} < --min-quality {cfg.min_quality}")
         row.quality = q
     msgs = with_system_prompt(row.messages, cfg.system_prompt)
-    ids, mask = tok.encode_segments(render_segments(msgs, add_generation_prompt=row.is_rl))
+    segments = render_segments(msgs, add_generation_prompt=row.is_rl)
+    _reject_surely_too_long(segments, tok, cfg.seq_length)
+    ids, mask = tok.encode_segments(segments)
     is_img = ids == tok.image_token_id
     _check_structure(ids, is_img, msgs, row, tok)
     pixels = [load_image(p, cfg.min_pixels, cfg.max_pixels) for p in row.image_paths]
@@ -194,6 +229,10 @@ _STATE: dict = {}
 
 def _init_worker(cfg: PreprocessConfig, single_thread: bool = True) -> None:
     if single_thread:  # in a pool process: one process per core is the parallelism
+        # Ctrl-C reaches the whole process group: only the parent reacts (it terminates the pool and cleans
+        # up); a forked worker must not inherit the parent's SIGTERM handler either.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         import torch
 
@@ -300,6 +339,7 @@ def preprocess(
     reject_tmp = reject_file + f".tmp{os.getpid()}"
     stage = os.path.join(tmp_dir, "all")
     pool = merged = None
+    old_term = _raise_on_sigterm()
     try:
         from tqdm import tqdm
 
@@ -344,7 +384,7 @@ def preprocess(
             "order": cfg.order,
             "tokenizer": tok.special_token_ids(),
             "tokenizer_type": cfg.tokenizer_type,
-            "tokenizer_model": os.path.abspath(cfg.tokenizer_model),
+            **tokenizer_record(cfg.tokenizer_model, output_prefix + ".meta.json"),
             "config": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "workers")},
             "preprocess": {k: v for k, v in asdict(res).items() if k not in ("files", "seconds", "workers")},
         }
@@ -365,7 +405,22 @@ def preprocess(
         raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     return res
+
+
+def _raise_on_sigterm():
+    """SIGTERM (a scheduler's kill, ``timeout``) would end the process without the cleanup below, leaving
+    ``*.tmpPID*`` files: turn it into ``SystemExit(143)`` (128 + SIGTERM, what the shell reports) so the
+    ``except``/``finally`` blocks run. Returns the previous handler (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, _exit)
 
 
 def _reorder(stage: str, output_prefix: str, cfg: PreprocessConfig, meta: dict) -> list[str]:

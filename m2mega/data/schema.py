@@ -13,8 +13,8 @@ SFT rows end with an assistant turn (``<think>…</think><answer>…</answer>``)
 turn and must carry ``answer``. Image paths are absolute or relative to the JSONL file.
 
 :func:`parse_row` raises :class:`RejectError` whose ``reason`` is a short machine-readable code
-(``malformed_json``, ``missing_field``, ``bad_field``, ``unknown_answer_type``, ``bad_answer``,
-``bad_message``, ...)
+(``malformed_json``, ``bad_unicode``, ``missing_field``, ``bad_field``, ``unknown_answer_type``,
+``bad_answer``, ``bad_message``, ...)
 followed by a human-readable detail; the preprocessing summary counts rejects by code.
 """
 
@@ -147,6 +147,23 @@ def _check_answer(answer: str, answer_type: str) -> None:
         raise RejectError("bad_answer", f"answer {answer!r} is not a number (answer_type='number')")
 
 
+def _lone_surrogate(obj: Any, path: str) -> str | None:
+    """JSON path of the first string holding a lone surrogate (None: all strings are valid Unicode)."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"{path} (character {e.start})"
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        sub = f"{path}.{k}" if isinstance(k, str) else f"{path}[{k}]"
+        found = (_lone_surrogate(k, path + ".<key>") if isinstance(k, str) else None) or _lone_surrogate(v, sub)
+        if found:
+            return found
+    return None
+
+
 def parse_row(line: str | bytes, base_dir: str) -> Row:
     """Validate one JSONL line; raise :class:`RejectError` with the first problem found."""
     try:
@@ -155,6 +172,11 @@ def parse_row(line: str | bytes, base_dir: str) -> Row:
         raise RejectError("malformed_json", str(e)[:200]) from None
     if not isinstance(obj, dict):
         raise RejectError("malformed_json", f"line is a JSON {type(obj).__name__}, not an object")
+    where = _lone_surrogate(obj, "$")
+    if where is not None:
+        # JSON allows "\ud800" escapes that decode to no character; UTF-8 cannot hold them, so the row
+        # would fail later (tokenizer, string table) as a bug instead of a reject.
+        raise RejectError("bad_unicode", f"lone UTF-16 surrogate at {where} (not valid Unicode)")
     try:
         return _validate(obj, base_dir)
     except RejectError as e:

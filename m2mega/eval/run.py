@@ -47,7 +47,7 @@ def stop_token_ids(tok) -> list[int]:
 
 
 def evaluate_checkpoint(cfg, eval_prefix: str, checkpoint: Optional[str], *, max_new_tokens: Optional[int] = None,
-                        greedy: bool = True, batch_size: int = 16) -> dict:
+                        greedy: bool = True, batch_size: int = 16, samples: Optional[list] = None) -> dict:
     """Collective over the runtime's ranks (call ``m2mega.runtime.init`` first)."""
     import torch
 
@@ -63,16 +63,20 @@ def evaluate_checkpoint(cfg, eval_prefix: str, checkpoint: Optional[str], *, max
             model, prefix_prompts(eval_prefix), lambda ids: tok.decode(ids, skip_special_tokens=True),
             RewardConfig.from_dict(cfg.grpo.reward_config_dict()), eos_token_id=stop_token_ids(tok),
             pad_token_id=tok.pad_id, max_new_tokens=max_new_tokens or cfg.grpo.max_new_tokens,
-            batch_size=batch_size, greedy=greedy, temperature=cfg.grpo.temperature, seed=cfg.seed)
+            batch_size=batch_size, greedy=greedy, temperature=cfg.grpo.temperature, seed=cfg.seed, samples=samples)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m m2mega.eval.run", description=__doc__.split("\n")[0],
                                 epilog="Any other --section.key=value overrides the YAML config.")
     p.add_argument("--config", required=True, help="training YAML (model, parallel and grpo reward switches)")
+    from m2mega.train.config import add_print_config_flag
+
+    add_print_config_flag(p)
     p.add_argument("--eval-prefix", required=True, help="preprocessed held-out prompts (RL rows)")
     p.add_argument("--checkpoint", help="checkpoint or save root (default: model.init_from; 'none': random init)")
     p.add_argument("--eval-json", help="write the per-task table here (rank 0)")
+    p.add_argument("--samples-jsonl", help="write every prompt's response (text, token ids, reward) here (rank 0)")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--sample", action="store_true", help="sample at grpo.temperature instead of greedy decoding")
@@ -82,25 +86,43 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import m2mega.runtime as rt
     from m2mega.eval.metrics import format_table
+    from m2mega.runtime.cli import require_paths, require_prefixes
+    from m2mega.train.checkpoint import check_model_config, resolve_checkpoint
     from m2mega.train.config import load_config
 
+    if args.checkpoint not in (None, "none"):
+        # The evaluated checkpoint is the model: its config.json gives the architecture when model.preset is unset.
+        overrides = [*overrides, f"--model.init_from={args.checkpoint}"]
     cfg = load_config(args.config, overrides)
-    ckpt = cfg.model.init_from if args.checkpoint is None else (None if args.checkpoint == "none" else args.checkpoint)
+    ckpt = None if args.checkpoint == "none" else cfg.model.init_from
+    # Inputs checked before process groups and the model: one error line, not a trace per rank.
+    require_prefixes([("--eval-prefix", args.eval_prefix)])
+    require_paths([("--checkpoint", ckpt)])
+    if ckpt:
+        check_model_config(resolve_checkpoint(ckpt), cfg)
     backend = None if cfg.parallel.backend == "auto" else cfg.parallel.backend
     rt.init(cfg.parallel.tp, cfg.parallel.pp, backend=backend, seed=cfg.seed, timeout_s=cfg.parallel.timeout_s)
     try:
+        samples: list = []
         table = evaluate_checkpoint(cfg, args.eval_prefix, ckpt, max_new_tokens=args.max_new_tokens,
-                                    greedy=not args.sample, batch_size=args.batch_size)
+                                    greedy=not args.sample, batch_size=args.batch_size, samples=samples)
         if dist.get_rank() == 0:
             print(f"# held-out evaluation of {ckpt or 'the random init'} on {args.eval_prefix}")
             print(format_table(table), flush=True)
             if args.eval_json:
                 with open(args.eval_json, "w") as f:
                     json.dump(table, f, indent=1)
+            if args.samples_jsonl:
+                with open(args.samples_jsonl, "w", encoding="utf-8") as f:
+                    for pid, task, text, reward, ids in samples:
+                        f.write(json.dumps({"id": pid, "task": task, "response": text, "reward": reward,
+                                            "response_ids": ids}) + "\n")
     finally:
         rt.shutdown()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from m2mega.runtime.cli import run_main
+
+    sys.exit(run_main(main))

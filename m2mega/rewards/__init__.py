@@ -7,7 +7,7 @@ data tools: :func:`extract_answer`, :func:`parse_choice`, :func:`parse_number`, 
 """
 
 from .ednm import ednm_reward, ednm_reward_tensor, relative_error
-from .extract import extract_answer, extract_boxed, extract_tag_block
+from .extract import extract_all_boxed, extract_answer, extract_boxed, extract_tag_block
 from .format import format_reward, is_well_formed
 from .match import (
     ParsedNumber,
@@ -18,7 +18,7 @@ from .match import (
     parse_number,
     text_match,
 )
-from .math_equiv import math_equal, parse_math
+from .math_equiv import math_equal, math_value
 from .registry import (
     ANSWER_TYPES,
     RewardConfig,
@@ -48,6 +48,7 @@ __all__ = [
     "compute_rewards",
     "ednm_reward",
     "ednm_reward_tensor",
+    "extract_all_boxed",
     "extract_answer",
     "extract_boxed",
     "extract_tag_block",
@@ -59,7 +60,7 @@ __all__ = [
     "normalize_text",
     "numeric_match",
     "parse_choice",
-    "parse_math",
+    "math_value",
     "parse_number",
     "relative_error",
     "repetition_penalty",

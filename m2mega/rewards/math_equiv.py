@@ -1,205 +1,76 @@
-"""Math answer equivalence without ever evaluating model text as code.
+"""Math answer equivalence, bounded: ``math_equal("\\frac{1}{2}", "0.5")`` is True.
 
-``math_equal("\\frac{1}{2}", "0.5")`` is True. The pipeline:
-
-1. normalise notation (:func:`m2mega.rewards.match.clean_math_text`) and compare strings;
-2. a bare single-variable left-hand side is dropped (``"x = 5"`` -> ``"5"``); tuples, intervals and
-   sets (top-level commas) are compared element-wise, sets in any order, intervals with their brackets;
-3. plain numbers (with ``%`` leniency) go through :func:`m2mega.rewards.match.numeric_match`;
-4. otherwise both sides are parsed into sympy objects by :mod:`m2mega.rewards.math_parse` (no ``eval``;
-   refuses hostile input such as ``9**9**9**9``) and compared: exactly for constants (30-digit
-   evaluation), and at seeded random points for expressions with free symbols (an identity test that
-   does not need ``simplify``, which can run for minutes on hostile input).
-
-On the main thread a ``SIGALRM`` timer bounds the whole comparison (``timeout_s``; it nests with a timer
-already armed). Any refusal, timeout or parse error means "not equal": nothing raises.
+The comparison itself is :func:`m2mega.rewards.grader.math_verify_equal` (HF math-verify behind m2mega's
+number rules). It runs in a grader worker process (:mod:`m2mega.rewards.sandbox`) so that ``timeout_s`` is
+a hard limit on every thread and in every process: a call that overruns is answered "not equal" and the
+worker is replaced. Two cases never need the worker: equal strings and two plain numbers (relative
+tolerance), which are most rewards; power towers (``9^{9^{9^{9}}}``, more than 30 powers), factorial
+chains and bare formulas over 2000 characters are refused outright. Nothing here evaluates model text as code, and nothing raises.
 """
 
 from __future__ import annotations
 
-import math
-import random
 import re
-import signal
-import threading
-import time
-from contextlib import contextmanager
-from typing import Iterator
-
-import sympy
 
 from .extract import strip_answer
-from .match import clean_math_text, numeric_match
-from .math_parse import MathParseError, parse_math
+from .match import MAX_ANSWER_CHARS, parse_number, plain_numbers_equal
+from .sandbox import call
 
-__all__ = ["math_equal", "parse_math", "MathParseError"]
+__all__ = ["math_equal", "math_value", "DEFAULT_MATH_TIMEOUT_S", "MAX_MATH_CHARS"]
 
-
-class _Timeout(BaseException):
-    """BaseException so that sympy's internal ``except Exception`` blocks cannot swallow the timeout."""
-
-
-# --------------------------------------------------------------------------- comparison
+DEFAULT_MATH_TIMEOUT_S = 1.0
+# An answer block may hold prose ("... so the final answer is $(7, 6)$."): math-verify finds the answer in
+# it. Beyond this length it is not an answer, and reading it only costs time.
+MAX_MATH_CHARS = 20_000
 
 
-@contextmanager
-def _time_limit(seconds: float | None) -> Iterator[None]:
-    """SIGALRM-based limit on the main thread (a no-op elsewhere: signals only reach the main thread).
-
-    Nests with a timer someone else armed (pytest-timeout, a trainer watchdog): when theirs would fire
-    first it is left alone; otherwise theirs is suspended and re-armed with its remaining time afterwards.
-    """
-    if (
-        seconds is None
-        or seconds <= 0
-        or not hasattr(signal, "setitimer")
-        or threading.current_thread() is not threading.main_thread()
-    ):
-        yield
-        return
-    outer_left, outer_interval = signal.getitimer(signal.ITIMER_REAL)
-    outer_handler = signal.getsignal(signal.SIGALRM)
-    if (outer_left and outer_left <= seconds) or outer_handler is None:
-        yield  # the outer timer fires first anyway / a handler installed from C that we could not restore
-        return
-
-    def _raise(signum, frame):
-        raise _Timeout()
-
-    t0 = time.monotonic()
-    signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, outer_handler)
-        if outer_left:
-            left = outer_left - (time.monotonic() - t0)
-            signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3), outer_interval)
+# Power towers (a^{b^{c^{d}}}, 9**9**9**9) are the classic hostile answers: their value has astronomically
+# many digits, and no real ground truth is one. Refused before any worker time is spent on them.
+_POW, _EXP = r"(?:\^|\*\*)", r"\s*(?:\{[^{}^]*|[\d.]+|\w)\s*"  # an exponent opening a group, or one token
+_TOWER = re.compile(_POW + _EXP + _POW + _EXP + _POW)
+MAX_POWERS = 30
+MAX_FORMULA_CHARS = 2000  # a bare formula (no prose) longer than this is not an answer
+_PROSE = re.compile(r"(?<![A-Za-z])[A-Za-z]{3,}\s+[A-Za-z]")  # starts only at word starts: linear
 
 
-def _close(a: complex, b: complex, rel_tol: float) -> bool:
-    if not (math.isfinite(a.real) and math.isfinite(a.imag) and math.isfinite(b.real) and math.isfinite(b.imag)):
-        return False
-    return abs(a - b) <= max(rel_tol * max(abs(a), abs(b)), 1e-12)
+def _hostile(text: str) -> bool:
+    if text.count("^") + text.count("**") > MAX_POWERS or _TOWER.search(text) or re.search(r"!\s*!\s*!", text):
+        return True  # power towers, 3!!!!: astronomically large values
+    return len(text) > MAX_FORMULA_CHARS and _PROSE.search(text) is None
 
 
-def _expr_equal(a: sympy.Expr, b: sympy.Expr, rel_tol: float) -> bool:
-    if a == b:
-        return True
-    if a.has(sympy.oo, -sympy.oo, sympy.zoo) or b.has(sympy.oo, -sympy.oo, sympy.zoo):
-        return False  # infinities compare structurally only
-    free = sorted(a.free_symbols | b.free_symbols, key=lambda s: s.name)
-    if not free:
-        return _close(complex(sympy.N(a, 30)), complex(sympy.N(b, 30)), rel_tol)
-    # Identity test at random points: two different elementary expressions agree on a handful of random
-    # points with probability ~0, while simplify() can take minutes on hostile input. Seeded for
-    # reproducibility.
-    rng = random.Random(1234)
-    agreed = 0
-    for _ in range(12):
-        point = {s: sympy.Rational(rng.randint(50, 250), 100) for s in free}
-        try:
-            va = complex(sympy.N(a.subs(point), 30))
-            vb = complex(sympy.N(b.subs(point), 30))
-        except (TypeError, ValueError, ZeroDivisionError, OverflowError):
-            continue  # outside a domain (log of a negative, pole): try another point
-        if not (math.isfinite(abs(va)) and math.isfinite(abs(vb))):
-            continue
-        if not _close(va, vb, max(rel_tol, 1e-9)):
-            return False
-        agreed += 1
-        if agreed >= 5:
-            return True
-    return False
-
-
-_SIMPLE_LHS = re.compile(r"^\s*[A-Za-z](?:_\{?\w+\}?)?\s*=")
-_PLAIN_NUMBER = re.compile(r"^[-+]?\s*(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?(?:[eE][-+]?\d+)?\s*%?$|^[-+]?\.\d+\s*%?$")
-
-
-def _split_top(s: str) -> tuple[str, list[str], str] | None:
-    """``"(1, 2]"`` -> ``("(", ["1", "2"], "]")``; ``None`` when there is no top-level comma."""
-    t = s.strip()
-    lo = hi = ""
-    for o in ("\\{", "(", "[", "{"):
-        if t.startswith(o):
-            for c in ("\\}", ")", "]", "}"):
-                if t.endswith(c) and len(t) >= len(o) + len(c):
-                    lo, hi, t = o, c, t[len(o) : len(t) - len(c)]
-                    break
-            break
-    parts, depth, cur = [], 0, []
-    for ch in t:
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        if ch == "," and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    if len(parts) < 2:
-        return None
-    return lo, [p.strip() for p in parts], hi
-
-
-def _scalar_equal(p: str, g: str, rel_tol: float) -> bool:
-    if not p or not g:
-        return False
+def _fast_path(pred: str, gt: str, rel_tol: float) -> bool | None:
+    p, g = strip_answer(pred), strip_answer(gt)
     if p.replace(" ", "") == g.replace(" ", ""):
-        return True
-    if _PLAIN_NUMBER.match(p) and _PLAIN_NUMBER.match(g):
-        return numeric_match(p, g, rel_tol=rel_tol, abs_tol=1e-12)
-    if "=" in p or "=" in g:
-        ps, gs = p.split("="), g.split("=")
-        return len(ps) == len(gs) and all(_scalar_equal(a.strip(), b.strip(), rel_tol) for a, b in zip(ps, gs))
-    try:
-        return _expr_equal(parse_math(p), parse_math(g), rel_tol)
-    except (MathParseError, TypeError, ValueError, ZeroDivisionError, OverflowError, AttributeError):
-        return False
-
-
-def _equal(p: str, g: str, rel_tol: float) -> bool:
-    p, g = clean_math_text(strip_answer(p)), clean_math_text(strip_answer(g))
-    if _SIMPLE_LHS.match(p):
-        p = p.split("=", 1)[1].strip()
-    if _SIMPLE_LHS.match(g):
-        g = g.split("=", 1)[1].strip()
-    if p == g:
         return bool(p)
-    if _PLAIN_NUMBER.match(p) and _PLAIN_NUMBER.match(g):  # before the comma split: "1,000" is a number
-        return numeric_match(p, g, rel_tol=rel_tol, abs_tol=1e-12)
-    sp, sg = _split_top(p), _split_top(g)
-    if sp is not None or sg is not None:
-        if sp is None or sg is None or len(sp[1]) != len(sg[1]):
-            return False
-        if {sp[0], sg[0]} <= {"{", "\\{"} and sp[0]:  # sets: order-free one-to-one matching
-            left = list(sg[1])
-            for a in sp[1]:
-                hit = next((i for i, b in enumerate(left) if _scalar_equal(a, b, rel_tol)), None)
-                if hit is None:
-                    return False
-                left.pop(hit)
-            return True
-        if (sp[0], sp[2]) != (sg[0], sg[2]):  # (1,2] is not [1,2]; a bare "1, 2" matches "(1, 2)" only bare
-            return False
-        return all(_scalar_equal(a, b, rel_tol) for a, b in zip(sp[1], sg[1]))
-    return _scalar_equal(p, g, rel_tol)
+    return plain_numbers_equal(p, g, rel_tol)
 
 
-def math_equal(pred: str | None, gt: str, rel_tol: float = 1e-6, timeout_s: float | None = 2.0) -> bool:
-    """True when the answer ``pred`` is mathematically equal to ``gt`` (see module docstring). Never raises."""
-    if not isinstance(pred, str) or not isinstance(gt, str) or not pred.strip():
+def math_equal(pred: str | None, gt: str, rel_tol: float = 1e-6, timeout_s: float = DEFAULT_MATH_TIMEOUT_S) -> bool:
+    """True when the answer ``pred`` is mathematically equal to ``gt``; False on a timeout (at most
+    ``timeout_s`` seconds, from any thread) or anything unreadable. Never raises on model output."""
+    if not isinstance(pred, str) or not isinstance(gt, str) or not pred.strip() or not gt.strip():
         return False
-    try:
-        with _time_limit(timeout_s):
-            return _equal(pred, gt, rel_tol)
-    except _Timeout:
+    if len(pred) > MAX_MATH_CHARS or _hostile(pred) or _hostile(gt):
         return False
-    except Exception:  # noqa: BLE001 - hostile model output must score 0, whatever sympy raises
-        return False
+    fast = _fast_path(pred, gt, rel_tol)
+    if fast is not None:
+        return fast
+    out = call("math_equal", [pred, gt, rel_tol], timeout_s)
+    return out.status == "ok" and out.value is True
 
+
+def math_value(text: str | None, timeout_s: float = DEFAULT_MATH_TIMEOUT_S) -> float | None:
+    """The real number an answer evaluates to (``"4\\sqrt{2}"`` -> 5.657), or ``None`` (not one finite real
+    constant, a timeout, unreadable). Plain numbers are read in-process; expressions in the worker."""
+    if not isinstance(text, str) or not text.strip() or len(text) > MAX_ANSWER_CHARS:
+        return None
+    n = parse_number(text)
+    if n is not None:
+        return n.value
+    if _hostile(text):
+        return None
+    out = call("math_value", [text], timeout_s)
+    if out.status != "ok" or not isinstance(out.value, (int, float)):
+        return None
+    return float(out.value)

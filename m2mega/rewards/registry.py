@@ -29,11 +29,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from .custom import call_custom_function, check_custom_function
 from .ednm import ednm_reward, relative_error
 from .extract import extract_answer
 from .format import format_reward
-from .match import choice_match, numeric_match, parse_choice, parse_number, text_match
-from .math_equiv import math_equal
+from .match import ParsedNumber, choice_match, parse_choice, parse_number, parsed_numbers_match, text_match
+from .math_equiv import DEFAULT_MATH_TIMEOUT_S, math_equal, math_value
 from .repetition import ngram_repetition_rate, repetition_penalty
 
 __all__ = ["ANSWER_TYPES", "TaskRewardConfig", "RewardConfig", "RewardResult", "compute_reward", "compute_rewards"]
@@ -53,7 +54,7 @@ class TaskRewardConfig:
     rel_tol: float = 1e-4  # binary numeric match
     abs_tol: float = 1e-8
     math_rel_tol: float = 1e-6  # numeric tolerance inside math equivalence
-    math_timeout_s: float = 2.0
+    math_timeout_s: float = DEFAULT_MATH_TIMEOUT_S  # hard limit per math/expression/custom call (worker process)
     ednm_gamma: float = 1.0
     ednm_lambda: float = 2.0
     ednm_eps: float = 1e-6
@@ -64,6 +65,7 @@ class TaskRewardConfig:
     repetition_ngram: int = 4
     think_prefilled: bool = False  # the prompt already ends in "<think>"
     allow_unclosed_answer: bool = False  # read an <answer> that never closes (stop-string generation)
+    custom_function: str | None = None  # "path/to/file.py:fn" replaces rule-based accuracy (m2mega.rewards.custom)
 
     def __post_init__(self) -> None:
         if self.numeric not in NUMERIC_MODES:
@@ -73,6 +75,10 @@ class TaskRewardConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not (isinstance(self.math_timeout_s, (int, float)) and 0 < self.math_timeout_s <= 600):
+            raise ValueError(f"math_timeout_s must be in (0, 600] seconds, got {self.math_timeout_s!r}")
+        if self.custom_function is not None:
+            object.__setattr__(self, "custom_function", check_custom_function(self.custom_function))
         if not 0.0 <= self.repetition_threshold < 1.0:
             raise ValueError(f"repetition_threshold must be in [0, 1), got {self.repetition_threshold!r}")
         if not (isinstance(self.repetition_ngram, int) and self.repetition_ngram >= 1):
@@ -138,6 +144,16 @@ def _validate_gt(answer: str, answer_type: str) -> None:
         raise ValueError(f"ground-truth answer {answer!r} is not a number (answer_type='number')")
 
 
+def _read_number(pred: str, cfg: TaskRewardConfig) -> ParsedNumber | None:
+    """A plain number in-process; an expression (``4\\sqrt{2}``, ``10 - 3``) evaluated by the bounded math
+    grader. ``"3 or 4"``, ``"2x"`` read as nothing: never as their first number."""
+    p = parse_number(pred)
+    if p is not None:
+        return p
+    v = math_value(pred, timeout_s=cfg.math_timeout_s)
+    return None if v is None else ParsedNumber(v)
+
+
 def _accuracy(pred: str | None, answer: str, answer_type: str, cfg: TaskRewardConfig) -> tuple[float, bool]:
     if pred is None:
         return 0.0, False
@@ -145,14 +161,13 @@ def _accuracy(pred: str | None, answer: str, answer_type: str, cfg: TaskRewardCo
         ok = choice_match(pred, answer)
         return float(ok), ok
     if answer_type == "number":
+        p, g = _read_number(pred, cfg), parse_number(answer)
+        if p is None or g is None:
+            return 0.0, False
         if cfg.numeric == "ednm":
-            p = parse_number(pred)
-            g = parse_number(answer)
-            if p is None:
-                return 0.0, False
             val = ednm_reward(p.value, g.value, cfg.ednm_gamma, cfg.ednm_lambda, cfg.ednm_eps)
             return val, relative_error(p.value, g.value, cfg.ednm_eps) <= cfg.ednm_correct_rel_tol
-        ok = numeric_match(pred, answer, cfg.rel_tol, cfg.abs_tol)
+        ok = parsed_numbers_match(p, g, cfg.rel_tol, cfg.abs_tol)
         return float(ok), ok
     if answer_type == "math":
         ok = math_equal(pred, answer, rel_tol=cfg.math_rel_tol, timeout_s=cfg.math_timeout_s)
@@ -162,25 +177,36 @@ def _accuracy(pred: str | None, answer: str, answer_type: str, cfg: TaskRewardCo
 
 
 def compute_reward(
-    response: str, answer: str, task: str, answer_type: str, config: RewardConfig | None = None
+    response: str,
+    answer: str,
+    task: str,
+    answer_type: str,
+    config: RewardConfig | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> RewardResult:
     """Reward of one ``response`` against the ground truth ``answer`` (see the module docstring).
 
     ``answer_type`` is one of ``"choice"``, ``"number"``, ``"text"``, ``"math"``. Raises ``ValueError`` for
     an unknown answer_type, a task missing from a strict config, or a ground truth that does not parse as
-    its answer_type. Never raises because of ``response``: malformed output scores 0.
+    its answer_type. Never raises because of ``response``: malformed output scores 0. A task with a
+    ``custom_function`` takes any answer_type and gets its accuracy from that function, called with the
+    whole response and ``extra`` (the record's other fields).
     """
-    if answer_type not in ANSWER_TYPES:
-        raise ValueError(f"unknown answer_type {answer_type!r}; expected one of {ANSWER_TYPES}")
     cfg = (config or RewardConfig()).for_task(task)
     if not isinstance(answer, str):
         raise ValueError(f"ground-truth answer must be a string, got {type(answer).__name__}")
-    _validate_gt(answer, answer_type)
     text = response if isinstance(response, str) else ""
-
     fmt = format_reward(text, cfg.think_prefilled)
-    pred = extract_answer(text, allow_unclosed=cfg.allow_unclosed_answer)
-    acc, correct = _accuracy(pred, answer, answer_type, cfg)
+    if cfg.custom_function is not None:
+        pred = extract_answer(text, allow_unclosed=cfg.allow_unclosed_answer)
+        acc, correct = call_custom_function(cfg.custom_function, text, answer, task, extra, cfg.math_timeout_s)
+    else:
+        if answer_type not in ANSWER_TYPES:
+            raise ValueError(f"unknown answer_type {answer_type!r}; expected one of {ANSWER_TYPES}")
+        _validate_gt(answer, answer_type)
+        # Math answers may list several boxed values ("\\boxed{1} and \\boxed{2}"): read them all.
+        pred = extract_answer(text, allow_unclosed=cfg.allow_unclosed_answer, all_boxed=answer_type == "math")
+        acc, correct = _accuracy(pred, answer, answer_type, cfg)
     if cfg.require_format and fmt == 0.0:
         acc, correct = 0.0, False
     rate = ngram_repetition_rate(text, cfg.repetition_ngram)
@@ -209,9 +235,11 @@ def compute_rewards(
     tasks: Sequence[str] | str,
     answer_types: Sequence[str] | str,
     config: RewardConfig | None = None,
+    extras: Sequence[Mapping[str, Any] | None] | None = None,
 ) -> list[RewardResult]:
     """:func:`compute_reward` over a batch. ``answers``/``tasks``/``answer_types`` are per-response lists, or
-    one string shared by all responses (the G rollouts of one prompt). Errors name the batch index."""
+    one string shared by all responses (the G rollouts of one prompt); ``extras`` one record-field mapping
+    per response (for custom functions). Errors name the batch index."""
     n = len(responses)
 
     def _col(v: Sequence[str] | str, name: str) -> Sequence[str]:
@@ -222,11 +250,14 @@ def compute_rewards(
         return v
 
     ans, tsk, typ = _col(answers, "answers"), _col(tasks, "tasks"), _col(answer_types, "answer_types")
+    if extras is not None and len(extras) != n:
+        raise ValueError(f"extras has {len(extras)} entries for {n} responses")
     config = config or RewardConfig()
     out = []
     for i in range(n):
         try:
-            out.append(compute_reward(responses[i], ans[i], tsk[i], typ[i], config))
+            ext = extras[i] if extras is not None else None
+            out.append(compute_reward(responses[i], ans[i], tsk[i], typ[i], config, ext))
         except ValueError as e:
             raise ValueError(f"batch index {i}: {e}") from None
     return out

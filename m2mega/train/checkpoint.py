@@ -9,8 +9,23 @@ Layout under ``root``::
 A save writes into ``iter_XXXXXXX.tmp``, and only when every rank has finished does rank 0 rename it to
 ``iter_XXXXXXX`` and then replace ``latest``; a crash at any point leaves the previous checkpoint as the
 newest complete one (resume ignores ``*.tmp``). After a save, rank 0 deletes the oldest complete
-checkpoints beyond ``keep_last`` and stale ``*.tmp`` directories. The checkpoint root must be on a
-filesystem all ranks share (as megatron assumes).
+checkpoints beyond ``keep_last`` (never a ``protect``-ed one) and stale ``*.tmp`` directories. The
+checkpoint root must be on a filesystem all ranks share (as megatron assumes).
+
+Guarantees (docs/training.md, "Checkpoint guarantees"):
+
+* a checkpoint never claims what it does not hold: a save of an iteration that already exists replaces it
+  (the new one is renamed in, then the old one deleted), and resume takes the highest complete
+  ``iter_*`` (``latest`` is kept in step with it for people and tools);
+* a run that does not resume refuses a ``save_dir`` that already holds checkpoints
+  (:func:`check_save_dir`), so two runs never mix in one directory;
+* resume checks the newest checkpoint's files (:func:`m2mega.convert.checks.verify_dcp_checkpoint`)
+  and falls back to the previous complete one, with a warning naming the damaged file;
+* a changed model architecture is refused before the model is built (:func:`check_model_config`,
+  against the checkpoint's ``config.yaml``) and again before any tensor is read (global shapes against
+  ``.metadata``);
+* nothing is unpickled except through allow-lists (:mod:`m2mega.convert.safe_dcp`); the RNG state is
+  stored as tensors and plain data so it loads under ``torch.load(weights_only=True)``.
 
 Contents (one ``dist_checkpointing.save`` call):
 
@@ -38,6 +53,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from m2mega.convert.checks import CorruptCheckpoint, UnsafeCheckpoint, verify_dcp_checkpoint
+
+from .async_save import install_results_queue
+from .checkpoint_checks import check_global_shapes as _check_global_shapes
+from .hf_files import write_hf_files
+from .checkpoint_checks import check_model_config, check_save_dir
 from .config import TrainConfig, to_dict, to_yaml
 
 __all__ = [
@@ -51,6 +72,12 @@ __all__ = [
     "unwrap_model",
     "get_rng_state",
     "set_rng_state",
+    "pick_checkpoint",
+    "resolve_checkpoint",
+    "check_save_dir",
+    "check_model_config",
+    "CorruptCheckpoint",
+    "UnsafeCheckpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -142,9 +169,12 @@ def get_rng_state() -> dict:
 
     from m2mega.runtime import cpu
 
+    # Tensors and plain data only (no numpy arrays), so the state loads under torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "random": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
@@ -157,7 +187,9 @@ def set_rng_state(state: dict) -> None:
     from megatron.core import tensor_parallel
 
     random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -201,22 +233,43 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
 
 
 def find_latest(root: str | None) -> tuple[int, str] | None:
-    """Newest complete checkpoint: the one ``latest`` names, else the highest complete ``iter_*``."""
+    """Newest complete checkpoint: the highest complete ``iter_*``. A save is renamed into place only once
+    complete, so that is always the newest state; ``latest`` can lag it by a crash between the rename and
+    the marker's update, and is then ignored (with a warning), never trusted over what is on disk."""
     if not root or not os.path.isdir(root):
+        return None
+    found = list_checkpoints(root)
+    if not found:
         return None
     marker = os.path.join(root, LATEST)
     if os.path.isfile(marker):
-        try:
-            with open(marker) as f:
-                it = int(f.read().strip())
-            path = os.path.join(root, iter_dirname(it))
-            if _is_complete(path):
-                return it, path
-            log.warning("%s names iteration %d but %s is missing or incomplete; scanning", marker, it, path)
-        except ValueError:
-            log.warning("%s is unreadable; scanning %s for checkpoints", marker, root)
+        with open(marker) as f:
+            text = f.read().strip()
+        if text != str(found[-1][0]):
+            log.warning("%s says %r but the newest complete checkpoint is %s; using it", marker, text, found[-1][1])
+    return found[-1]
+
+
+def pick_checkpoint(root: str) -> tuple[int, str] | None:
+    """The newest complete checkpoint under ``root`` whose files are intact (sizes against ``.metadata``,
+    metadata and ``common.pt`` readable through the allow-lists). A damaged one is skipped with a warning
+    naming the file; :class:`CorruptCheckpoint` when every one is damaged. :class:`UnsafeCheckpoint` (a
+    planted payload) is never skipped: it is raised."""
     found = list_checkpoints(root)
-    return found[-1] if found else None
+    damaged: list[str] = []
+    for it, path in reversed(found):
+        try:
+            verify_dcp_checkpoint(path)
+        except (CorruptCheckpoint, FileNotFoundError) as e:
+            log.warning("checkpoint %s is damaged (%s); falling back to the previous complete checkpoint", path, e)
+            damaged.append(str(e))
+            continue
+        if damaged:
+            log.warning("resuming from %s instead of the newer damaged checkpoint(s)", path)
+        return it, path
+    if damaged:
+        raise CorruptCheckpoint(root, "every checkpoint is damaged: " + "; ".join(damaged))
+    return None
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -255,8 +308,11 @@ def save_checkpoint(
     data_state: Any = None,
     extra: dict | None = None,
     keep_last: int | None = None,
+    protect: Sequence[str] = (),
 ) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    """Collective: every rank calls it. Returns the final checkpoint directory. An existing checkpoint of
+    the same iteration is replaced (see the module docstring); ``protect``: checkpoints rotation must keep
+    (e.g. the last one saved before a run started skipping steps)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies.fully_parallel import (
         FullyParallelSaveStrategyWrapper,
@@ -267,17 +323,6 @@ def save_checkpoint(
     final = os.path.join(root, iter_dirname(iteration))
     tmp = final + ".tmp"
     keep_last = cfg.checkpoint.keep_last if keep_last is None else keep_last
-    if _rank() == 0:
-        exists = _is_complete(final)
-    else:
-        exists = False
-    flag = torch.tensor([1 if exists else 0], dtype=torch.int64)
-    if dist.is_initialized():
-        dist.broadcast(flag, src=0)
-    if flag.item():
-        # Same iteration, same training state: the existing checkpoint already holds it.
-        log.info("checkpoint %s already exists; not re-saving", final)
-        return final
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
         if os.path.exists(tmp):
@@ -300,14 +345,15 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "iteration": int(iteration),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "data": data_state,
-        "extra": dict(extra or {}),
+        "data": _plain(data_state),
+        "extra": _plain(dict(extra or {})),
         "layout": _layout(),
         "config": to_dict(cfg),
         "has_optimizer": optimizer is not None,
         "optimizer_format": cfg.checkpoint.optimizer_format,
         "distributed_optimizer": cfg.parallel.use_distributed_optimizer,
     }
+    install_results_queue()
     strategy = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=cfg.checkpoint.save_threads)
     if ps.get_data_parallel_world_size() > 1:
         # Spread the writes of replicated tensors over the data-parallel ranks.
@@ -317,25 +363,56 @@ def save_checkpoint(
     dist_checkpointing.save(state, tmp, sharded_strategy=strategy)  # ends in a barrier
     if _rank() == 0:
         _write_atomic(os.path.join(tmp, "config.yaml"), to_yaml(cfg))
+        write_hf_files(cfg, tmp)  # config.json, tokenizer, image processor: exportable on its own
         _fsync_dir(tmp)
+        old = final + _REPLACED
+        if os.path.exists(final):
+            # Never keep an older state under this name: move it aside, rename the new one in, then delete
+            # it. A crash in between leaves the new one complete, or the previous iterations to resume from.
+            log.warning("checkpoint %s exists; replacing it with this run's iteration %d", final, iteration)
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.rename(final, old)
         os.rename(tmp, final)
         _fsync_dir(root)
         _write_atomic(os.path.join(root, LATEST), f"{iteration}\n")
         _fsync_dir(root)
-        _prune(root, keep_last, keep=final)
+        shutil.rmtree(old, ignore_errors=True)
+        _prune(root, keep_last, keep=[final, *protect])
     _barrier()
     return final
 
 
-def _prune(root: str, keep_last: int, keep: str) -> None:
+_REPLACED = ".replaced"
+
+
+def _plain(obj: Any) -> Any:
+    """numpy scalars/arrays -> python numbers/lists, recursively: common state must load under
+    ``torch.load(weights_only=True)``, which refuses numpy objects (a loader's state may hold them)."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    if type(obj) is tuple:
+        return tuple(_plain(v) for v in obj)
+    return obj
+
+
+def _prune(root: str, keep_last: int, keep: str | Sequence[str]) -> None:
     for name in os.listdir(root):
-        if name.endswith(".tmp") and _ITER_RE.match(name[: -len(".tmp")]):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # a crashed save's leftovers
+        for suffix in (".tmp", _REPLACED):  # a crashed save's leftovers
+            if name.endswith(suffix) and _ITER_RE.match(name[: -len(suffix)]):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     if keep_last <= 0:
         return
+    keep = {os.path.abspath(k) for k in ([keep] if isinstance(keep, str) else keep) if k}
     done = list_checkpoints(root)
     for _, path in done[: max(0, len(done) - keep_last)]:
-        if os.path.abspath(path) != os.path.abspath(keep):
+        if os.path.abspath(path) not in keep:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -343,9 +420,9 @@ def _prune(root: str, keep_last: int, keep: str) -> None:
 
 
 def _read_meta(path: str) -> dict:
-    from megatron.core import dist_checkpointing
+    from m2mega.convert import safe_dcp
 
-    common = dist_checkpointing.load_common_state_dict(path)
+    common = safe_dcp.load_common_state_dict(path)
     meta = common.get("m2mega") if isinstance(common, dict) else None
     if not isinstance(meta, dict):
         raise ValueError(f"{path} is not an m2mega training checkpoint (no 'm2mega' common state)")
@@ -356,20 +433,28 @@ def _read_meta(path: str) -> dict:
 
 def load_model_weights(path: str, model_chunks: Sequence[torch.nn.Module], *, strict: bool = True) -> None:
     """Load only the model weights of a checkpoint (any TP/PP it was saved with). ``path`` is one
-    checkpoint (``iter_XXXXXXX``) or a save root, whose newest complete checkpoint is used."""
-    from megatron.core import dist_checkpointing
+    checkpoint (``iter_XXXXXXX``) or a save root, whose newest intact complete checkpoint is used."""
+    from m2mega.convert import safe_dcp
 
-    if not os.path.isfile(os.path.join(path, ".metadata")):
-        found = find_latest(path)
-        if found is None:
-            raise FileNotFoundError(f"{path} is neither a checkpoint nor a directory holding complete checkpoints")
-        path = found[1]
+    path = resolve_checkpoint(path)
     model_sd = _model_sharded_state_dict(model_chunks)
-    loaded = dist_checkpointing.load(model_sd, path)
+    _check_global_shapes(path, model_sd)
+    loaded = safe_dcp.load(model_sd, path)
     for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
         if key not in loaded:
             raise ValueError(f"{path} holds no '{key}' state (saved with a different number of model chunks?)")
         unwrap_model(chunk).load_state_dict(loaded[key], strict=strict)
+
+
+def resolve_checkpoint(path: str) -> str:
+    """``path`` itself when it is one checkpoint, else the newest intact checkpoint of the save root
+    ``path`` (:func:`pick_checkpoint`)."""
+    if os.path.isfile(os.path.join(path, ".metadata")):
+        return path
+    found = pick_checkpoint(path) if os.path.isdir(path) else None
+    if found is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint nor a directory holding complete checkpoints")
+    return found[1]
 
 
 def load_checkpoint(
@@ -389,7 +474,7 @@ def load_checkpoint(
     ``fully_reshardable`` format). RNG state loads only with an identical (TP, PP, DP) layout. Whatever is
     skipped is logged; the optimizer's master weights are then refreshed from the loaded model.
     """
-    from megatron.core import dist_checkpointing
+    from m2mega.convert import safe_dcp
 
     meta = _read_meta(path)
     if scheduler is not None and meta.get("scheduler") is not None:
@@ -423,7 +508,8 @@ def load_checkpoint(
         request["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True, fmt=fmt)
     if want_rng:
         request["rng_state"] = _rng_sharded_object(None)
-    loaded = dist_checkpointing.load(request, path)
+    _check_global_shapes(path, model_sd)
+    loaded = safe_dcp.load(request, path)
 
     for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
         if key not in loaded:
@@ -438,6 +524,8 @@ def load_checkpoint(
         optimizer.reload_model_params()  # master weights follow the freshly loaded model weights
     if scheduler is not None and meta.get("scheduler") is not None:
         scheduler.load_state_dict(meta["scheduler"])
+        if scheduler.override_opt_param_scheduler:
+            _adopt_config_schedule(scheduler)
     if want_rng:
         set_rng_state(loaded["rng_state"])
     return LoadedCheckpoint(
@@ -450,6 +538,19 @@ def load_checkpoint(
         loaded_optimizer=want_optim,
         loaded_rng=want_rng,
     )
+
+
+def _adopt_config_schedule(scheduler) -> None:
+    """checkpoint.override_scheduler: the config's LR bounds replace the checkpoint's everywhere. megatron
+    reads ``max_lr``/``min_lr`` from each optimizer param group first (set when the optimizer was built,
+    then overwritten by the loaded optimizer state), so the scheduler's own values alone would leave the
+    resumed run on the old peak."""
+    for group in scheduler.optimizer.param_groups:
+        if "max_lr" in group:
+            group["max_lr"] = scheduler.max_lr
+        if "min_lr" in group:
+            group["min_lr"] = scheduler.min_lr
+    scheduler.step(0)  # the LR of the current step under the adopted schedule
 
 
 def _check_scheduler(scheduler, state: dict, path: str) -> None:

@@ -27,6 +27,7 @@ import yaml
 __all__ = [
     "ConfigError",
     "ModelConfig",
+    "GPTShapeConfig",
     "ParallelConfig",
     "OptimConfig",
     "ScheduleConfig",
@@ -51,79 +52,87 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class GPTShapeConfig:
+    """Shape of the ``gpt`` family: a Qwen2.5-shaped megatron-core GPTModel that tests use as a small,
+    vision-free stand-in. Qwen2.5-VL takes its shape from ``model.preset`` / ``model.init_from`` instead."""
+
+    num_layers: int = 4  # transformer layers
+    hidden_size: int = 48  # model width
+    num_attention_heads: int = 6  # query heads
+    num_query_groups: int = 2  # key/value heads (GQA)
+    ffn_hidden_size: int = 88  # SwiGLU inner width
+    vocab_size: int = 130  # vocabulary (random-token data uses all of it)
+    max_position_embeddings: int = 256  # longest sequence
+    rotary_base: float = 1_000_000.0  # RoPE theta
+    untie_embeddings: bool = True  # separate input and output embeddings, as Qwen2.5-7B
+
+
+@dataclass
 class ModelConfig:
-    # "gpt": megatron-core GPTModel (Qwen2.5-shaped stand-in); other families are registered by
-    # m2mega.train.sft.register_model_family (the Qwen2.5-VL model registers "qwen25vl").
-    family: str = "gpt"
-    preset: Optional[str] = None  # a named architecture of the family (e.g. a Qwen2.5-VL size)
-    num_layers: int = 4
-    hidden_size: int = 48
-    num_attention_heads: int = 6
-    num_query_groups: int = 2
-    ffn_hidden_size: int = 88
-    vocab_size: int = 130
-    max_position_embeddings: int = 256
-    rotary_base: float = 1_000_000.0
-    hidden_dropout: float = 0.0
-    attention_dropout: float = 0.0
-    untie_embeddings: bool = True  # Qwen2.5-7B unties input and output embeddings
+    # "qwen25vl": Qwen2.5-VL (m2mega.models); "gpt": the vision-free GPTModel stand-in of the tests.
+    family: str = "qwen25vl"
+    # qwen25vl architecture: a preset (tiny, 3b, 7b, 32b, 72b), an HF config.json or a directory holding
+    # one. Unset: the config.json of model.init_from (checkpoints m2mega writes carry theirs).
+    preset: Optional[str] = None
+    init_from: Optional[str] = None  # a checkpoint (iter dir or save root) whose weights initialise the run
+    hidden_dropout: float = 0.0  # dropout after attention and MLP (Qwen2.5 trains without)
+    attention_dropout: float = 0.0  # dropout on attention probabilities
     # Activation recompute: "selective" recomputes core attention only, "full" whole layers.
     recompute: Literal["none", "selective", "full"] = "none"
     recompute_num_layers: int = 1  # layers per recompute chunk ("full", method "uniform")
-    freeze_vision: bool = False  # parameters under `vision_prefix` get no gradient and no optimizer state
-    vision_prefix: str = "vision_model."
-    init_from: Optional[str] = None  # a dist checkpoint (dir) whose model weights initialise the run
+    freeze_vision: bool = False  # parameters under vision_prefix get no gradient and no optimizer state
+    vision_prefix: str = "vision_model."  # parameter-name prefix of the vision tower (freeze_vision)
+    gpt: GPTShapeConfig = field(default_factory=GPTShapeConfig)  # family "gpt" only
 
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size (data-parallel = world / (tp x pp))
     sequence_parallel: bool = False  # needs tp > 1
-    use_distributed_optimizer: bool = True
-    overlap_grad_reduce: bool = False
+    use_distributed_optimizer: bool = True  # shard optimizer state over data-parallel ranks (ZeRO-1)
+    overlap_grad_reduce: bool = False  # overlap the gradient all-reduce with backward
     overlap_param_gather: bool = False  # needs the distributed optimizer
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, gloo without
-    timeout_s: float = 1800.0
-
-
+    timeout_s: float = 1800.0  # process-group timeout (seconds)
 @dataclass
 class OptimConfig:
     optimizer: Literal["adam", "sgd"] = "adam"  # adam = AdamW (decoupled weight decay)
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    lr_warmup_init: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    sgd_momentum: float = 0.9
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-5  # learning rate at the end of the decay
+    lr_warmup_init: float = 0.0  # learning rate at step 0 of the warmup
+    weight_decay: float = 0.0  # decoupled (AdamW) weight decay
+    adam_beta1: float = 0.9  # Adam first-moment decay
+    adam_beta2: float = 0.95  # Adam second-moment decay
+    adam_eps: float = 1e-8  # Adam epsilon
+    sgd_momentum: float = 0.9  # SGD momentum (optimizer: sgd)
     clip_grad: float = 1.0  # global L2 norm; 0 disables clipping
+    # This many steps in a row with non-finite gradients (each skipped) stop the run with an error: it has
+    # diverged, and further steps would only save checkpoints of a broken model. 0: never stop.
+    max_skipped_steps: int = 10
     # "auto": bf16 on GPU, fp32 on CPU. Master weights and grads stay fp32 either way.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
 
 
 @dataclass
 class ScheduleConfig:
-    train_iters: int = 100
+    train_iters: int = 100  # optimizer steps (GRPO: rollout steps x updates_per_rollout)
     micro_batch_size: int = 1  # rows per micro-batch (a THD-packed micro-batch is one row)
     global_batch_size: int = 1  # micro_batch_size x data-parallel size x micro-batches per step
-    seq_length: int = 64
-    lr_warmup_iters: int = 0
+    seq_length: int = 64  # tokens per packed row (THD) / longest prompt + response
+    lr_warmup_iters: int = 0  # linear warmup steps
     lr_decay_iters: Optional[int] = None  # None: train_iters
-    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-
-
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warmup, to optimizer.min_lr
 @dataclass
 class CheckpointConfig:
-    save_dir: Optional[str] = None
+    save_dir: Optional[str] = None  # checkpoint root (iter_XXXXXXX dirs and 'latest'); unset: no checkpoints
     save_interval: int = 0  # iterations between saves; 0: only at the end (when save_at_end)
-    save_at_end: bool = True
+    save_at_end: bool = True  # save after the last step
     keep_last: int = 2  # complete checkpoints kept (older ones are deleted after a save); 0 keeps all
     load_dir: Optional[str] = None  # resume from here; None: from save_dir
     resume: bool = True  # continue from the newest complete checkpoint if there is one
-    load_optimizer: bool = True
-    load_rng: bool = True
+    load_optimizer: bool = True  # restore optimizer state on resume
+    load_rng: bool = True  # restore RNG state on resume (same layout only)
     # A resumed run must keep the LR schedule it was saved with (changed lr/warmup/decay is an error)
     # unless this is set: then the config's schedule replaces the checkpoint's at the saved step count.
     override_scheduler: bool = False
@@ -131,13 +140,21 @@ class CheckpointConfig:
     # "fully_reshardable" (any layout; needs TE/apex FusedAdam in megatron-core 0.16.1).
     optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
     save_threads: int = 2  # writer processes per rank
+    # At the end of training, also write the last checkpoint as an HF model directory
+    # (save_dir/hf_iter_XXXXXXX: safetensors + config, tokenizer, image processor), as mcore-to-hf does.
+    save_hf: bool = False
 
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 1
-    tensorboard_dir: Optional[str] = None
-    progress: Literal["tqdm", "rich", "plain", "none"] = "tqdm"
+    log_interval: int = 1  # steps between log lines
+    tensorboard_dir: Optional[str] = None  # TensorBoard event files; unset: no TensorBoard
+    # Weights & Biases beside/instead of TensorBoard (rank 0; same scalars; needs `pip install wandb`):
+    # the project turns it on; run name defaults to run_name; mode online/offline/disabled, unset: WANDB_MODE.
+    wandb_project: Optional[str] = None
+    wandb_run_name: Optional[str] = None  # W&B run name (default: run_name)
+    wandb_mode: Optional[Literal["online", "offline", "disabled"]] = None  # W&B mode (default: WANDB_MODE or online)
+    progress: Literal["tqdm", "rich", "plain", "none"] = "tqdm"  # progress display on rank 0
     # Peak dense FLOP/s of one device in TFLOP/s for the MFU estimate (H100 SXM bf16: 989);
     # None: 989 on CUDA, no MFU on CPU.
     peak_tflops: Optional[float] = None
@@ -145,17 +162,19 @@ class LoggingConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["packed", "synthetic"] = "synthetic"  # synthetic: token batches for the GPT stand-in
+    # packed: PREFIX.bin/.idx from tools/preprocess_data.py; synthetic: random token batches (gpt family only)
+    source: Literal["packed", "synthetic"] = "packed"
     train_prefix: Optional[str] = None  # PREFIX of PREFIX.bin / PREFIX.idx from tools/preprocess_data.py
-    valid_prefix: Optional[str] = None
+    valid_prefix: Optional[str] = None  # preprocessed validation data (sft.eval_interval)
+    # The tokenizer (HF directory or SentencePiece model) when it is no longer where preprocessing found it;
+    # unset: the one recorded in PREFIX.meta.json. Checked against the ids the data was tokenized with.
+    tokenizer: Optional[str] = None
     # Paper switch: "curriculum" keeps the preprocessed ascending-difficulty order, "shuffle" reshuffles
     # every epoch, "bucket_shuffle" shuffles inside difficulty buckets (easy buckets first).
     order: Literal["curriculum", "shuffle", "bucket_shuffle"] = "curriculum"
-    num_buckets: int = 10
-    num_workers: int = 0
-    seed: int = 1234
-
-
+    num_buckets: int = 10  # difficulty buckets (order: bucket_shuffle)
+    num_workers: int = 0  # loader worker processes
+    seed: int = 1234  # data order seed (shuffle orders)
 @dataclass
 class SFTConfig:
     eval_interval: int = 0  # iterations between validation passes; 0: none
@@ -166,38 +185,46 @@ class SFTConfig:
 class GRPOConfig:
     prompts_per_step: int = 8  # global: prompts per optimizer step (each with group_size rollouts)
     group_size: int = 8  # G
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0  # rollout sampling temperature
+    top_p: float = 1.0  # rollout nucleus sampling
     max_new_tokens: int = 1024  # paper: completion length limit 1024
     clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
-    clip_high: float = 0.2
+    clip_high: float = 0.2  # upper clip (clip-higher: > clip_low)
     # KL to the frozen reference (k3 estimator): "cosine" anneals beta_max -> beta_min (paper Eq. 7),
     # "constant" uses beta.
     kl_schedule: Literal["cosine", "constant"] = "cosine"
-    beta: float = 0.001
-    beta_min: float = 0.0
-    beta_max: float = 0.001
+    beta: float = 0.001  # KL weight (kl_schedule: constant)
+    beta_min: float = 0.0  # KL weight at the end (cosine, Eq. 7)
+    beta_max: float = 0.001  # KL weight at the start (cosine, Eq. 7)
     # Advantage weighting: "dynamic" w = sigma * acc * (1 - acc) per prompt group (paper Eq. 6).
     advantage_weighting: Literal["dynamic", "static"] = "dynamic"
     sigma: float = 4.0  # 4.0 makes the peak weight (acc = 0.5) exactly 1
-    adv_eps: float = 1e-6
+    adv_eps: float = 1e-6  # added to the group std of rewards
     drop_zero_variance: bool = True  # groups whose rollouts all score the same carry no signal
     # Dynamic sampling (DAPO): while fewer than prompts_per_step groups are informative, roll out more
     # prompts (up to max_refill_rounds extra rounds); needs drop_zero_variance.
     dynamic_sampling: bool = False
-    max_refill_rounds: int = 2
+    max_refill_rounds: int = 2  # extra rollout rounds per step (dynamic_sampling)
     dual_clip: Optional[float] = None  # dual-clip bound c > 1 for negative advantages; None: off
     # Spatial numeric answers: "ednm" smooth reward R = gamma * exp(-lambda * rel. error) (paper Eq. 9)
     # or "binary" exact match.
     numeric_reward: Literal["ednm", "binary"] = "ednm"
-    ednm_lambda: float = 2.0
-    ednm_gamma: float = 1.0
-    format_weight: float = 0.1
+    ednm_lambda: float = 2.0  # EDNM decay (numeric_reward: ednm)
+    ednm_gamma: float = 1.0  # EDNM scale
+    format_weight: float = 0.1  # weight of the <think>/<answer> format reward
     repetition_penalty: bool = False  # n-gram repetition penalty (the paper's failure mode)
-    repetition_weight: float = 0.5
+    repetition_weight: float = 0.5  # weight of the repetition penalty
     reward_overrides: dict = field(default_factory=dict)  # {task: {TaskRewardConfig field: value}}
+    custom_reward_function: Optional[str] = None  # "path/to/file.py:fn" (verl convention), all tasks
     updates_per_rollout: int = 1  # optimizer steps on each batch of rollouts
-
+    # A step whose groups all scored uniformly makes no update (warned, counted); this many such steps in a
+    # row stop the run with an error (the data is too easy/hard for the policy, or the reward is broken). 0: never.
+    max_no_signal_steps: int = 20
+    # Held-out validation curve: every eval_interval rollout steps (0: off) score eval_prefix's prompts
+    # (preprocessed RL rows) greedily, plus eval_samples sampled answers per prompt (mean@k / pass@k; 0: none).
+    eval_prefix: Optional[str] = None
+    eval_interval: int = 0  # rollout steps between held-out validations (0: off)
+    eval_samples: int = 0  # sampled answers per held-out prompt (mean@k / pass@k)
     def uses_kl(self) -> bool:
         """Whether the KL term is ever non-zero (then a frozen reference policy is needed)."""
         return (self.beta_max if self.kl_schedule == "cosine" else self.beta) > 0
@@ -209,6 +236,7 @@ class GRPOConfig:
                 "format_weight": self.format_weight,
                 "repetition_penalty": self.repetition_penalty,
                 "repetition_weight": self.repetition_weight,
+                **({"custom_function": self.custom_reward_function} if self.custom_reward_function else {}),
             },
             "spatial": {
                 "numeric": self.numeric_reward,
@@ -223,9 +251,9 @@ class GRPOConfig:
 
 @dataclass
 class TrainConfig:
-    run_name: str = "m2mega"
-    mode: Literal["sft", "grpo"] = "sft"
-    seed: int = 1234
+    run_name: str = "m2mega"  # a name for logs (TensorBoard / W&B run)
+    mode: Literal["sft", "grpo"] = "sft"  # which entry point this config is for
+    seed: int = 1234  # weights init, dropout and sampling seed
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimConfig = field(default_factory=OptimConfig)
@@ -366,7 +394,10 @@ def from_dict(data: dict | None) -> TrainConfig:
 
 
 def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
+    d = dataclasses.asdict(cfg)
+    if isinstance(cfg, TrainConfig) and cfg.model.family != "gpt":
+        d["model"].pop("gpt", None)  # read by the gpt family only: a saved config shows what the run used
+    return d
 
 
 def to_yaml(cfg: TrainConfig) -> str:
@@ -462,29 +493,18 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     """Cross-field rules. With ``world_size`` also the layout rules that need it (divisibility)."""
     m, p, o, s, c, lg, d, g = (cfg.model, cfg.parallel, cfg.optimizer, cfg.schedule, cfg.checkpoint,
                                cfg.logging, cfg.data, cfg.grpo)  # fmt: skip
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-                 "vocab_size", "max_position_embeddings", "recompute_num_layers"):  # fmt: skip
-        _check(getattr(m, name) >= 1, f"model.{name} must be >= 1, got {getattr(m, name)}")
-    _check(m.hidden_size % m.num_attention_heads == 0,
-           f"model.hidden_size {m.hidden_size} is not divisible by model.num_attention_heads {m.num_attention_heads}")
-    _check(m.num_attention_heads % m.num_query_groups == 0,
-           f"model.num_attention_heads {m.num_attention_heads} is not divisible by "
-           f"model.num_query_groups {m.num_query_groups}")
+    _check(m.recompute_num_layers >= 1, f"model.recompute_num_layers must be >= 1, got {m.recompute_num_layers}")
     for name in ("hidden_dropout", "attention_dropout"):
         _check(0.0 <= getattr(m, name) < 1.0, f"model.{name} must be in [0, 1), got {getattr(m, name)}")
     _check(p.tp >= 1 and p.pp >= 1, f"parallel.tp and parallel.pp must be >= 1, got tp={p.tp} pp={p.pp}")
-    _check(m.num_attention_heads % p.tp == 0 and m.num_query_groups % p.tp == 0,
-           f"parallel.tp={p.tp} must divide model.num_attention_heads ({m.num_attention_heads}) and "
-           f"model.num_query_groups ({m.num_query_groups})")
-    _check(m.num_layers >= p.pp, f"model.num_layers {m.num_layers} < parallel.pp {p.pp}")
-    _check(m.family != "gpt" or m.vocab_size % p.tp == 0,
-           f"model.vocab_size {m.vocab_size} is not divisible by parallel.tp {p.tp} (the output layer is split "
-           f"by vocabulary)")
     _check(not p.sequence_parallel or p.tp > 1, "parallel.sequence_parallel needs parallel.tp > 1")
     _check(not p.overlap_param_gather or p.use_distributed_optimizer,
            "parallel.overlap_param_gather needs parallel.use_distributed_optimizer")
     _check(p.timeout_s > 0, f"parallel.timeout_s must be > 0, got {p.timeout_s}")
     _check(o.lr >= 0 and 0 <= o.min_lr <= o.lr, f"need 0 <= optimizer.min_lr ({o.min_lr}) <= optimizer.lr ({o.lr})")
+    # No LLM recipe trains above 1e-2; lr > 1 is a typo (1e30 blows weights up to finite 1e30s).
+    _check(o.lr <= 1.0, f"optimizer.lr {o.lr} > 1 is outside any sane range (a typo? e.g. 1e-5)")
+    _check(o.max_skipped_steps >= 0, f"optimizer.max_skipped_steps must be >= 0, got {o.max_skipped_steps}")
     _check(0 <= o.lr_warmup_init <= o.lr, f"optimizer.lr_warmup_init {o.lr_warmup_init} must be in [0, lr]")
     _check(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
     _check(0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1, "optimizer.adam_beta1/adam_beta2 must be in [0, 1)")
@@ -499,8 +519,6 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
            f"schedule.global_batch_size {s.global_batch_size} is not divisible by "
            f"schedule.micro_batch_size {s.micro_batch_size}")
     _check(s.seq_length >= 2, f"schedule.seq_length must be >= 2, got {s.seq_length}")
-    _check(s.seq_length <= m.max_position_embeddings or m.family != "gpt",
-           f"schedule.seq_length {s.seq_length} > model.max_position_embeddings {m.max_position_embeddings}")
     decay = s.lr_decay_iters if s.lr_decay_iters is not None else s.train_iters
     _check(decay >= 1, f"schedule.lr_decay_iters must be >= 1, got {decay}")
     _check(0 <= s.lr_warmup_iters < decay,
@@ -509,7 +527,15 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
            "checkpoint.save_interval/keep_last must be >= 0 and checkpoint.save_threads >= 1")
     _check(lg.log_interval >= 1, f"logging.log_interval must be >= 1, got {lg.log_interval}")
     _check(lg.peak_tflops is None or lg.peak_tflops > 0, f"logging.peak_tflops must be > 0, got {lg.peak_tflops}")
+    from .metrics_sink import wandb_missing_error
+
+    _check(wandb_missing_error(cfg) is None, wandb_missing_error(cfg) or "")
     _check(d.source != "packed" or d.train_prefix, "data.source 'packed' needs data.train_prefix")
+    _check(not c.save_hf or m.family == "qwen25vl",
+           f"checkpoint.save_hf writes an HF Qwen2.5-VL model; model.family {m.family!r} has no HF form")
+    _check(d.source != "synthetic" or m.family == "gpt",
+           f"data.source 'synthetic' (random tokens) is for the gpt test family; model.family {m.family!r} trains "
+           f"on data.source 'packed'")
     _check(d.num_workers >= 0 and d.num_buckets >= 1, "data.num_workers must be >= 0, data.num_buckets >= 1")
     _check(cfg.sft.eval_interval >= 0 and cfg.sft.eval_iters >= 1, "sft.eval_interval >= 0, sft.eval_iters >= 1")
     _check(g.group_size >= 2, f"grpo.group_size must be >= 2 (advantages are group-relative), got {g.group_size}")
@@ -527,6 +553,11 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     _check(not g.dynamic_sampling or g.drop_zero_variance,
            "grpo.dynamic_sampling refills degenerate groups, so it needs grpo.drop_zero_variance: true")
     _check(g.dual_clip is None or g.dual_clip > 1, f"grpo.dual_clip must be > 1 or null, got {g.dual_clip}")
+    _check(g.max_no_signal_steps >= 0, f"grpo.max_no_signal_steps must be >= 0, got {g.max_no_signal_steps}")
+    _check(g.eval_interval >= 0 and g.eval_samples >= 0,
+           f"grpo.eval_interval and grpo.eval_samples must be >= 0, got {g.eval_interval}, {g.eval_samples}")
+    _check(not g.eval_interval or bool(g.eval_prefix),
+           "grpo.eval_interval > 0 needs grpo.eval_prefix (preprocessed held-out RL prompts)")
     for task, over in g.reward_overrides.items():
         _check(isinstance(over, dict), f"grpo.reward_overrides.{task} must be a mapping, got {over!r}")
     try:  # the reward module owns its own field checks; surface them as config errors here
@@ -538,6 +569,14 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
             RewardConfig.from_dict(g.reward_config_dict())
         except ValueError as e:
             raise ConfigError(f"grpo reward settings: {e}") from None
+    from .families import get_model_family  # the family registry imports model code only when asked
+
+    try:
+        family = get_model_family(m.family)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if family.validate is not None:
+        family.validate(cfg)  # the family's real shape against TP/PP/sequence length
     if world_size is not None:
         mp = p.tp * p.pp
         _check(world_size % mp == 0, f"world size {world_size} is not divisible by tp x pp = {p.tp} x {p.pp}")
@@ -553,3 +592,58 @@ def num_microbatches(cfg: TrainConfig, dp_size: int) -> int:
     """Micro-batches per optimizer step on each data-parallel rank."""
     s = cfg.schedule
     return s.global_batch_size // (s.micro_batch_size * dp_size)
+
+
+# ----------------------------------------------------------------------------------------- --print-config
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """Each field's comment in the dataclass source (the comment lines above it and the one after it):
+    the code's comments are the one place the keys are documented, so --print-config reads them there."""
+    import inspect
+
+    out: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("#").strip())
+            continue
+        name = text.split(":", 1)[0].strip()
+        if ":" in text and name.isidentifier() and not text.startswith(("def ", "@", '"""')):
+            after = text.split("  # ", 1)[1].strip() if "  # " in text else ""
+            out[name] = " ".join(p for p in (*above, after) if p)
+        above = []
+    return out
+
+
+def describe_config(cls: type = None, prefix: str = "") -> str:
+    """Every key as ``section.key: default  # help``, sections in order (``--print-config``)."""
+    cls = cls or TrainConfig
+    helps = _field_help(cls)
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            lines.append(f"\n# {prefix}{f.name}")
+            lines.append(describe_config(tp, f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        doc = helps.get(f.name, "")
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"{prefix}{f.name}: {shown}  ({_type_name(tp)})" + (f"  # {doc}" if doc else ""))
+    return "\n".join(lines)
+
+
+def add_print_config_flag(parser) -> None:
+    """``--print-config``: print every key with its default, type and meaning, then exit (no heavy imports)."""
+    import argparse
+
+    class _Print(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(describe_config().lstrip("\n"))
+            parser.exit()
+
+    parser.add_argument("--print-config", action=_Print, nargs=0, default=argparse.SUPPRESS,
+                        help="print every config key (section.key: default (type)  # meaning) and exit")

@@ -15,8 +15,13 @@ __all__ = ["ModelFamily", "register_model_family", "get_model_family"]
 
 @dataclass(frozen=True)
 class ModelFamily:
+    """provider(cfg): this rank's model stage. flops_per_token(cfg): training FLOPs per token (MFU).
+    validate(cfg): the family's shape rules (TP/PP divisibility, sequence length), raising ConfigError;
+    the family owns them because only it knows its real architecture."""
+
     provider: Callable[[Any], Any]
     flops_per_token: Optional[Callable[[Any], float]] = None
+    validate: Optional[Callable[[Any], None]] = None
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -25,8 +30,9 @@ _BUILTIN = {"gpt": "m2mega.train.sft", "qwen25vl": "m2mega.train.vlm"}
 
 
 def register_model_family(name: str, provider: Callable[[Any], Any],
-                          flops_per_token: Optional[Callable[[Any], float]] = None) -> None:
-    _FAMILIES[name] = ModelFamily(provider, flops_per_token)
+                          flops_per_token: Optional[Callable[[Any], float]] = None,
+                          validate: Optional[Callable[[Any], None]] = None) -> None:
+    _FAMILIES[name] = ModelFamily(provider, flops_per_token, validate)
 
 
 def get_model_family(name: str) -> ModelFamily:

@@ -29,18 +29,40 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import torch
-import torch.distributed as dist
 
-from m2mega.rewards import RewardConfig
-from m2mega.rl import DynamicSampler, KLSchedule, group_advantages, group_weights
+def build_parser() -> argparse.ArgumentParser:
+    """The command line. Defined above the torch/megatron imports so ``--help`` does not wait for them."""
+    p = argparse.ArgumentParser(prog="python -m m2mega.train.grpo", description=__doc__.split("\n")[0],
+                                epilog="Any other --section.key=value overrides the YAML config.")
+    p.add_argument("--config", help="YAML config (see examples/tiny/ or examples/qwen25vl_7b/grpo.yaml)")
+    from m2mega.train.config import add_print_config_flag  # config.py imports no torch: --help stays fast
 
-from .config import TrainConfig, load_config, to_yaml
-from .grpo_update import make_forward_step, split_into_microbatches
-from .loop import Trainer
-from .rollout import Rollouts, generate_rollouts, score_rollouts
+    add_print_config_flag(p)
+    p.add_argument("--eval-prefix", help="preprocessed held-out prompts to score after training "
+                                         "(with --schedule.train_iters=0: evaluate model.init_from only)")
+    p.add_argument("--eval-json", help="write the held-out table (per task) here (rank 0)")
+    p.add_argument("--history-json", help="write per-step rollout metrics here (rank 0)")
+    p.add_argument("--validation-json", help="write the held-out curve (grpo.eval_interval) here (rank 0)")
+    return p
 
-__all__ = ["GRPORunner", "StepStats", "task_metrics", "run_grpo", "main"]
+
+if __name__ == "__main__":
+    build_parser().parse_known_args()  # --help / usage errors answer here, before ~5-10 s of imports
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from m2mega.rewards import RewardConfig  # noqa: E402
+from m2mega.rl import DynamicSampler, KLSchedule, group_advantages, group_weights  # noqa: E402
+
+from .config import TrainConfig, load_config, to_yaml  # noqa: E402
+from .grpo_update import make_forward_step, split_into_microbatches  # noqa: E402
+from .loop import Trainer  # noqa: E402
+from .rollout import (  # noqa: E402
+    Rollouts, generate_rollouts, score_rollouts, select_groups, task_metrics, write_rollouts,
+)
+
+__all__ = ["GRPORunner", "StepStats", "task_metrics", "run_grpo", "write_rollouts", "main"]
 
 
 @dataclass
@@ -49,22 +71,6 @@ class StepStats:
     beta: float
     metrics: dict[str, float] = field(default_factory=dict)
     per_task: dict[str, dict[str, float]] = field(default_factory=dict)
-
-
-def task_metrics(rollouts: Rollouts) -> dict[str, dict[str, float]]:
-    """Per-task means of reward, accuracy, correctness, response length and repetition rate."""
-    acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    tasks = rollouts.tasks()
-    for i, task in enumerate(tasks):
-        for key in (task, "all"):
-            d = acc[key]
-            d["reward"].append(float(rollouts.rewards[i]))
-            d["accuracy"].append(float(rollouts.accuracy[i]))
-            d["correct"].append(float(rollouts.correct[i]))
-            d["format"].append(float(rollouts.format_ok[i]))
-            d["response_len"].append(float(rollouts.response_tokens[i].numel()))
-            d["repetition"].append(float(rollouts.repetition[i]))
-    return {t: {k: sum(v) / len(v) for k, v in d.items()} for t, d in acc.items()}
 
 
 class GRPORunner:
@@ -97,6 +103,10 @@ class GRPORunner:
             self.kl = KLSchedule("constant", beta=g.beta)
         self.ref_model = ref_model
         self.refill_draws = 0  # prompts drawn beyond the regular schedule by dynamic sampling
+        self.no_signal_steps = 0  # rollout steps without an informative group (no update made)
+        self.no_signal_run = 0  # ... of them in a row, up to the last step
+        trainer.register_state("grpo_no_signal_steps", lambda: self.no_signal_steps,
+                               lambda v: setattr(self, "no_signal_steps", int(v)))
         trainer.register_state("grpo_refill_draws", lambda: self.refill_draws,
                                lambda v: setattr(self, "refill_draws", int(v)))
         if self.ref_model is None and g.uses_kl():
@@ -156,7 +166,7 @@ class GRPORunner:
                                  tol=g.adv_eps, pad_with_degenerate=False,
                                  rewards_of=lambda grp: grp[0].rewards[grp[1] * G : (grp[1] + 1) * G])
         res = sampler.fill(generate)
-        r = _select_groups(res.groups, G)
+        r = select_groups(res.groups, G)
         adv, keep, w = self._advantages(r)
         info = {"groups": float(res.generated), "degenerate_groups": float(res.filtered),
                 "refill_rounds": float(res.rounds - 1)}
@@ -183,7 +193,11 @@ class GRPORunner:
     def step(self) -> StepStats:
         """One rollout step = ``updates_per_rollout`` optimizer updates (verl's mini-batches): the kept
         prompt groups are split into that many parts, each one optimizer step. ``trainer.iteration``
-        counts optimizer updates, so ``schedule.train_iters`` = rollout steps x updates_per_rollout."""
+        counts optimizer updates, so ``schedule.train_iters`` = rollout steps x updates_per_rollout.
+
+        A step where no group (on any data-parallel replica) carries a signal makes no update: it is
+        warned about and counted (``no_signal_steps``), and ``grpo.max_no_signal_steps`` such steps in a
+        row raise an error."""
         g = self.cfg.grpo
         U = max(1, int(g.updates_per_rollout))
         it = self.trainer.iteration
@@ -195,12 +209,20 @@ class GRPORunner:
         groups = [k for k in range(keep.numel()) if bool(keep[k])]
         parts = [groups[i::U] for i in range(U)] if len(groups) >= U else [[k] for k in groups]
         parts = [sorted(p) for p in parts if p]
+        # Data-parallel replicas hold different prompts, so they may keep different numbers of groups; every
+        # replica must still run the same number of optimizer steps (each is a DP all-reduce).
+        n_kept, n_parts = _dp_agree(len(groups), len(parts))
         dev = _device()
+        pad = dict(pad_to_multiple_of=self.cfg.parallel.tp if self.cfg.parallel.sequence_parallel else 1,
+                   pad_token_id=self.pad)
+        seq = self.cfg.schedule.seq_length
         batches = [
-            [m.to(dev) for m in split_into_microbatches(r, [k * G + j for k in part for j in range(G)],
-                                                        self.cfg.schedule.seq_length, adv, w)]
+            [m.to(dev) for m in split_into_microbatches(r, [k * G + j for k in part for j in range(G)], seq, adv, w,
+                                                        **pad)]
             for part in parts
         ]
+        while len(batches) < n_parts:  # this replica ran out of groups: a step that adds no gradient
+            batches.append([m.to(dev) for m in _no_loss(split_into_microbatches(r, [0], seq, adv, w, **pad))])
         flat = [m for b in batches for m in b]
         if flat and beta != 0.0:
             for m, lp in zip(flat, self._forward_logprobs(self.ref_model, flat)):
@@ -224,8 +246,30 @@ class GRPORunner:
         self.trainer.iteration = it + U
         stats.metrics["updates"] = float(len(batches))
         stats.metrics["beta"] = beta
+        self._count_no_signal(n_kept == 0, stats)
         self._log(stats)
         return stats
+
+    def _count_no_signal(self, no_signal: bool, stats: StepStats) -> None:
+        max_run = self.cfg.grpo.max_no_signal_steps
+        if not no_signal:
+            self.no_signal_run = 0
+        else:
+            self.no_signal_steps += 1
+            self.no_signal_run += 1
+            a = stats.per_task.get("all", {})
+            if dist.get_rank() == 0:
+                self.trainer._say(
+                    f"warning: grpo step {stats.iteration}: no informative group (every group's rollouts scored "
+                    f"the same; mean reward {a.get('reward', float('nan')):.3f}): no update "
+                    f"({self.no_signal_steps} such steps so far, {self.no_signal_run} in a row)")
+            if max_run and self.no_signal_run >= max_run:
+                raise RuntimeError(
+                    f"{self.no_signal_run} GRPO steps in a row had no informative group (all rollouts of every "
+                    f"prompt scored the same, mean reward {a.get('reward', float('nan')):.3f}), so the policy "
+                    f"cannot learn: the prompts are too easy or too hard for it, group_size is too small, or "
+                    f"the reward never varies (grpo.max_no_signal_steps={max_run}; 0 disables this check)")
+        stats.metrics["no_signal_steps"] = float(self.no_signal_steps)
 
     def _log(self, stats: StepStats) -> None:
         w = self.trainer._writer
@@ -239,22 +283,25 @@ class GRPORunner:
                 w.add_scalar(f"grpo/{k}", v, stats.iteration)
 
 
-def _select_groups(groups: list[tuple[Rollouts, int]], G: int) -> Rollouts:
-    """One Rollouts of the chosen ``(rollouts, group index)`` pairs, in order."""
-    idx = [(r, k * G + j) for r, k in groups for j in range(G)]
-    pick = lambda attr: torch.stack([getattr(r, attr)[i] for r, i in idx]) if idx else None  # noqa: E731
-    return Rollouts(
-        prompts=[r.prompts[k] for r, k in groups],
-        group_size=G,
-        response_tokens=[r.response_tokens[i] for r, i in idx],
-        finished=pick("finished"),
-        texts=[r.texts[i] for r, i in idx],
-        rewards=pick("rewards"),
-        accuracy=pick("accuracy"),
-        correct=pick("correct"),
-        format_ok=pick("format_ok"),
-        repetition=pick("repetition"),
-    )
+def _dp_agree(kept_groups: int, parts: int) -> tuple[int, int]:
+    """(kept groups summed over data-parallel replicas, the most update parts any replica has)."""
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized() or ps.get_data_parallel_world_size() == 1:
+        return kept_groups, parts
+    kept = torch.tensor([float(kept_groups)], device=_device())
+    most = torch.tensor([float(parts)], device=_device())
+    dist.all_reduce(kept, group=ps.get_data_parallel_group())
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+    return int(kept.item()), int(most.item())
+
+
+def _no_loss(mbs: list) -> list:
+    """Micro-batches that run the model but carry no loss token (their gradient is exactly 0)."""
+    for m in mbs:
+        m.loss_mask = torch.zeros_like(m.loss_mask)
+        m.advantages = torch.zeros_like(m.advantages)
+    return mbs
 
 
 def _device() -> torch.device:
@@ -285,7 +332,8 @@ def run_grpo(cfg: TrainConfig, *, eval_prefix: Optional[str] = None,
     """Initialise the runtime, build policy + reference + data, run ``schedule.train_iters`` GRPO steps.
 
     ``decode`` replaces the dataset tokenizer's detokeniser (tests use it to script rewards).
-    Returns ``{"history": [StepStats...], "eval": {...} or None}`` on every rank."""
+    Returns ``{"history": [StepStats...], "eval": {...} or None, "validation": [{"iteration", "table"}...]}``
+    on every rank (``validation``: the held-out curve of ``grpo.eval_interval``, empty when off)."""
     import m2mega.runtime as rt
     from megatron.core import parallel_state as ps
 
@@ -302,7 +350,7 @@ def run_grpo(cfg: TrainConfig, *, eval_prefix: Optional[str] = None,
     rt.init(cfg.parallel.tp, cfg.parallel.pp, backend=backend, seed=cfg.seed, timeout_s=cfg.parallel.timeout_s)
     if not cfg.data.train_prefix:
         raise ValueError("data.train_prefix must name the preprocessed RL prompts (tools/preprocess_data.py)")
-    tok = vlm.tokenizer_from_prefix(cfg.data.train_prefix)
+    tok = vlm.tokenizer_from_prefix(cfg.data.train_prefix, cfg.data.tokenizer)
     prompts = PromptDataset(cfg.data.train_prefix, cfg.grpo.prompts_per_step, dp_rank=ps.get_data_parallel_rank(),
                             dp_size=ps.get_data_parallel_world_size(), order=_prompt_order(cfg.data.order),
                             seed=cfg.data.seed, num_buckets=cfg.data.num_buckets)
@@ -317,24 +365,56 @@ def run_grpo(cfg: TrainConfig, *, eval_prefix: Optional[str] = None,
     runner = GRPORunner(cfg, trainer, prompts.prompts, decode,
                         eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_id, ref_model=ref)
     trainer.resume()
+    if dist.get_rank() == 0:
+        if cfg.model.init_from:
+            trainer._say(f"policy (and KL reference) initialised from {_describe_checkpoint(cfg.model.init_from)}")
+        trainer._say("# grpo step N: rollout means over this step's prompts; loss = policy-gradient + beta x KL "
+                     "per response token; kept = prompt groups whose rollouts' rewards differ (they carry the "
+                     "gradient) / groups rolled out; no-signal = steps so far without any kept group")
     history: list[StepStats] = []
+    validation: list[dict] = []
+    eval_prompts = prefix_prompts(g.eval_prefix) if g.eval_interval else None
+    U = max(1, g.updates_per_rollout)
+
+    def validate() -> None:
+        validation.append(_validate(runner, eval_prompts, trainer.iteration))
+        if dist.get_rank() == 0:
+            v = validation[-1]["table"].get("all", {})
+            extra = "".join(f" {k} {x:.3f}" for k, x in v.items() if "@" in k and not k.startswith("reward"))
+            trainer._say(f"held-out @ {trainer.iteration}: acc {v.get('correct', float('nan')):.3f} "
+                         f"reward {v.get('reward', float('nan')):.3f}{extra}")
+
     trainer.start_progress(cfg.schedule.train_iters)
+    start_it = trainer.iteration
     try:
+        if eval_prompts is not None:
+            validate()
         while trainer.iteration < cfg.schedule.train_iters:
             s = runner.step()
             history.append(s)
             a = s.per_task.get("all", {})
             if dist.get_rank() == 0:
                 kept = s.metrics.get("groups", 0) - s.metrics.get("degenerate_groups", 0)
+                loss = s.metrics.get("loss")
                 trainer._say(f"grpo step {s.iteration}: reward {a.get('reward', float('nan')):.3f} "
                              f"acc {a.get('correct', float('nan')):.3f} len {a.get('response_len', 0):.1f} "
-                             f"beta {s.beta:.2e} kept {kept:.0f}/{s.metrics.get('groups', 0):.0f}")
+                             f"loss {'-' if loss is None else f'{loss:.4f}'} beta {s.beta:.2e} "
+                             f"kept {kept:.0f}/{s.metrics.get('groups', 0):.0f} "
+                             f"no-signal {runner.no_signal_steps}")
             c = cfg.checkpoint
             if c.save_dir and c.save_interval and trainer.iteration % c.save_interval == 0:
                 trainer.save()
+            if eval_prompts is not None and ((trainer.iteration // U) % g.eval_interval == 0
+                                             or trainer.iteration >= cfg.schedule.train_iters):
+                validate()
         if cfg.checkpoint.save_dir and cfg.checkpoint.save_at_end:
             trainer.save()
-        result = {"history": history, "eval": None}
+        updates = int(sum(h.metrics.get("updates", 0) for h in history))
+        if dist.get_rank() == 0:
+            trainer._say(f"GRPO done: {len(history)} rollout steps (iteration {start_it} -> {trainer.iteration}), "
+                         f"{updates} optimizer updates, {runner.no_signal_steps} steps without an informative "
+                         f"group; checkpoint: {trainer.last_checkpoint or 'none saved (checkpoint.save_dir unset)'}")
+        result = {"history": history, "eval": None, "validation": validation, "checkpoint": trainer.last_checkpoint}
         if eval_prefix:
             from m2mega.eval.held_out import evaluate_prompts
 
@@ -346,89 +426,48 @@ def run_grpo(cfg: TrainConfig, *, eval_prefix: Optional[str] = None,
         trainer.close()
 
 
-def write_rollouts(*, checkpoint: str, input_path: str, output_path: str, num_rollouts: int,
-                   batch_prompts: int = 16) -> int:
-    """Sample ``num_rollouts`` responses per RL row of ``input_path`` (JSONL) with a training checkpoint and
-    write ``{"id", "responses"}`` lines to ``output_path`` (what ``tools/score_difficulty.py`` scores).
+def _validate(runner: GRPORunner, prompts: list, iteration: int) -> dict:
+    """One point of the held-out curve (greedy + ``eval_samples`` sampled answers), logged to TensorBoard
+    as ``heldout/<task>/<metric>``."""
+    from m2mega.eval.held_out import validation_table
 
-    The model, sampling settings and preprocessing (tokenizer, system prompt, pixel bounds) are the
-    checkpoint's own (its ``config.yaml`` and its training data's ``meta.json``). Runs in this process at
-    TP1 (or under torchrun: TP = world size). Rows the preprocessor rejects get no line (score_difficulty
-    reports them as missing) and are listed in ``output_path + ".rejects.jsonl"``. Returns rows written."""
-    import dataclasses
-    import json
+    g = runner.cfg.grpo
+    table = validation_table(runner.policy, prompts, runner.decode, runner.reward_config, samples=g.eval_samples,
+                             eos_token_id=runner.eos, pad_token_id=runner.pad, max_new_tokens=g.max_new_tokens,
+                             temperature=g.temperature, top_p=g.top_p, seed=runner.cfg.seed + 17)
+    w = runner.trainer._writer
+    if w is not None:
+        for task, d in table.items():
+            for k, v in d.items():
+                if k != "n":
+                    w.add_scalar(f"heldout/{task}/{k}", v, iteration)
+    return {"iteration": iteration, "table": table}
+
+
+def _describe_checkpoint(path: str) -> str:
+    """``path`` with the iteration it resolves to (a save root's newest complete checkpoint)."""
     import os
-    import tempfile
 
-    import m2mega.runtime as rt
-    from megatron.core import parallel_state as ps
-
-    from m2mega.data.preprocess import PreprocessConfig, preprocess
-    from m2mega.eval.run import load_policy, prefix_prompts, stop_token_ids
-
-    from . import vlm
     from .checkpoint import find_latest
 
-    ckpt = checkpoint
-    if not os.path.isfile(os.path.join(ckpt, "config.yaml")):
-        found = find_latest(checkpoint)
-        if found is None:
-            raise FileNotFoundError(f"{checkpoint}: no complete checkpoint with a config.yaml")
-        ckpt = found[1]
-    cfg = load_config(os.path.join(ckpt, "config.yaml"))
-    meta_path = (cfg.data.train_prefix or "") + ".meta.json"
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
-    pc = meta["config"]
-    pre = PreprocessConfig(tokenizer_type=meta["tokenizer_type"], tokenizer_model=meta["tokenizer_model"],
-                           seq_length=pc["seq_length"], min_pixels=pc["min_pixels"], max_pixels=pc["max_pixels"],
-                           system_prompt=pc["system_prompt"], order="input", progress=False)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if not ps.model_parallel_is_initialized():
-        rt.init(world, 1, seed=cfg.seed)
-    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tp=world, pp=1))
-    with tempfile.TemporaryDirectory() as tmp:
-        prefix = os.path.join(tmp, "prompts")
-        if dist.get_rank() == 0:
-            preprocess([input_path], prefix, pre, reject_file=output_path + ".rejects.jsonl")
-        dist.barrier()
-        model = load_policy(cfg, ckpt)
-        tok = vlm.tokenizer_from_prefix(cfg.data.train_prefix)
-        prompts = prefix_prompts(prefix)
-        g = cfg.grpo
-        n = 0
-        out = open(output_path, "w", encoding="utf-8") if dist.get_rank() == 0 else None
-        try:
-            for start in range(0, len(prompts), batch_prompts):
-                chunk = prompts[start : start + batch_prompts]
-                r = generate_rollouts(model, chunk, group_size=num_rollouts, max_new_tokens=g.max_new_tokens,
-                                      temperature=g.temperature, top_p=g.top_p,
-                                      eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_id,
-                                      seed=cfg.seed + start)
-                for k, p in enumerate(chunk):
-                    texts = [tok.decode(r.response_tokens[k * num_rollouts + j].tolist(), skip_special_tokens=True)
-                             for j in range(num_rollouts)]
-                    if out is not None:
-                        out.write(json.dumps({"id": p.info.id, "responses": texts}, ensure_ascii=False) + "\n")
-                    n += 1
-        finally:
-            if out is not None:
-                out.close()
-    return n
+    if os.path.isfile(os.path.join(path, ".metadata")):
+        name = os.path.basename(os.path.normpath(path))
+        it = name[len("iter_"):] if name.startswith("iter_") else ""
+        return f"{path} (iteration {int(it)})" if it.isdigit() else path
+    found = find_latest(path)
+    return f"{found[1]} (iteration {found[0]})" if found else path
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m m2mega.train.grpo", description=__doc__.split("\n")[0],
-                                epilog="Any other --section.key=value overrides the YAML config.")
-    p.add_argument("--config", help="YAML config (see examples/qwen25vl_7b/grpo.yaml)")
-    p.add_argument("--eval-prefix", help="preprocessed held-out prompts to score after training "
-                                         "(with --schedule.train_iters=0: evaluate model.init_from only)")
-    p.add_argument("--eval-json", help="write the held-out table (per task) here (rank 0)")
-    p.add_argument("--history-json", help="write per-step rollout metrics here (rank 0)")
-    args, overrides = p.parse_known_args(argv)
+    args, overrides = build_parser().parse_known_args(argv)
     cfg = load_config(args.config, overrides)
     if cfg.mode != "grpo":
-        p.error(f"mode is {cfg.mode!r}; this entry point runs GRPO (set mode: grpo)")
+        from m2mega.runtime.cli import UsageError
+
+        raise UsageError(f"mode is {cfg.mode!r}; this entry point runs GRPO (set mode: grpo)")
+    from .loop import preflight
+
+    preflight(cfg, prefixes=[("--eval-prefix", args.eval_prefix)])  # before process groups and the model
     import json
 
     import m2mega.runtime as rt
@@ -447,10 +486,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                 with open(args.history_json, "w") as f:
                     json.dump([{"iteration": s.iteration, "beta": s.beta, "metrics": s.metrics,
                                 "per_task": s.per_task} for s in out["history"]], f, indent=1)
+            if args.validation_json:
+                with open(args.validation_json, "w") as f:
+                    json.dump(out["validation"], f, indent=1)
     finally:
         rt.shutdown()
+    from .hf_files import export_final_hf
+
+    export_final_hf(cfg, out["checkpoint"])  # checkpoint.save_hf: after the job's process groups are gone
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from m2mega.runtime.cli import run_main
+
+    sys.exit(run_main(main))

@@ -56,9 +56,14 @@ class PackedRollouts:
 
 
 def pack_rollouts(
-    rollouts: Rollouts, indices: Sequence[int], advantages: Tensor, weights: Tensor
+    rollouts: Rollouts, indices: Sequence[int], advantages: Tensor, weights: Tensor, *,
+    pad_to_multiple_of: int = 1, pad_token_id: int = 0,
 ) -> PackedRollouts:
-    """Concatenate rollouts ``indices`` (prompt tokens + response tokens each) into one THD sample list."""
+    """Concatenate rollouts ``indices`` (prompt tokens + response tokens each) into one THD sample list.
+
+    ``pad_to_multiple_of`` (TP size under sequence parallelism, whose scatter splits the tokens evenly over
+    TP ranks) appends one padding segment, as the SFT loader does: its own ``cu_seqlens`` entry (so it
+    attends to nothing real), no targets, advantage and weight 0."""
     toks, tgts, masks, pvs, grids, lens = [], [], [], [], [], []
     for i in indices:
         p = rollouts.prompt_of(i)
@@ -75,9 +80,17 @@ def pack_rollouts(
         if p.pixel_values is not None and len(p.image_grid_thw):
             pvs.append(p.pixel_values)
             grids.append(p.image_grid_thw)
+    idx = torch.as_tensor(list(indices), dtype=torch.long)
+    adv, w = advantages[idx].float(), weights[idx].float()
+    pad = -sum(lens) % max(1, int(pad_to_multiple_of))
+    if pad:
+        toks.append(torch.full((pad,), pad_token_id, dtype=toks[0].dtype))
+        tgts.append(torch.full((pad,), IGNORE_INDEX, dtype=tgts[0].dtype))
+        masks.append(torch.zeros(pad))
+        lens.append(pad)
+        adv, w = torch.cat([adv, adv.new_zeros(1)]), torch.cat([w, w.new_zeros(1)])
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lens), 0)
-    idx = torch.as_tensor(list(indices), dtype=torch.long)
     return PackedRollouts(
         tokens=torch.cat(toks),
         targets=torch.cat(tgts),
@@ -86,27 +99,29 @@ def pack_rollouts(
         max_seqlen=max(lens),
         pixel_values=torch.cat(pvs) if pvs else None,
         image_grid_thw=torch.cat(grids) if grids else None,
-        advantages=advantages[idx].float(),
-        weights=weights[idx].float(),
+        advantages=adv,
+        weights=w,
         rollout_index=list(indices),
     )
 
 
 def split_into_microbatches(
-    rollouts: Rollouts, indices: Sequence[int], max_tokens: int, advantages: Tensor, weights: Tensor
+    rollouts: Rollouts, indices: Sequence[int], max_tokens: int, advantages: Tensor, weights: Tensor, *,
+    pad_to_multiple_of: int = 1, pad_token_id: int = 0,
 ) -> list[PackedRollouts]:
     """Greedy, order-preserving packing of rollouts into micro-batches of at most ``max_tokens`` tokens
-    (a single rollout longer than that gets a micro-batch of its own)."""
+    (a single rollout longer than that gets a micro-batch of its own); each padded as :func:`pack_rollouts`."""
+    pad = dict(pad_to_multiple_of=pad_to_multiple_of, pad_token_id=pad_token_id)
     out, cur, cur_len = [], [], 0
     for i in indices:
         n = rollouts.prompt_of(i).prompt_tokens.numel() + rollouts.response_tokens[i].numel()
         if cur and cur_len + n > max_tokens:
-            out.append(pack_rollouts(rollouts, cur, advantages, weights))
+            out.append(pack_rollouts(rollouts, cur, advantages, weights, **pad))
             cur, cur_len = [], 0
         cur.append(i)
         cur_len += n
     if cur:
-        out.append(pack_rollouts(rollouts, cur, advantages, weights))
+        out.append(pack_rollouts(rollouts, cur, advantages, weights, **pad))
     return out
 
 
@@ -207,6 +222,9 @@ def make_forward_step(
             n = m["num_tokens"]
             mask = mb.loss_mask
             report = {
+                # the optimised quantity (policy gradient + beta * KL) per response token: the progress
+                # line's "loss" column
+                "loss": torch.stack([loss.detach().float().reshape(()), n]),
                 "pg_loss": torch.stack([m["pg_loss"], n]),
                 "clip_frac": torch.stack([m["clip_frac"] * n, n]),
                 "approx_kl": torch.stack([m["approx_kl"] * n, n]),

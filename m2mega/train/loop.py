@@ -32,8 +32,18 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .checkpoint import LoadedCheckpoint, find_latest, load_checkpoint, load_model_weights, save_checkpoint
-from .config import TrainConfig, num_microbatches, to_yaml, validate
+from .checkpoint import (
+    LoadedCheckpoint,
+    check_model_config,
+    check_save_dir,
+    find_latest,
+    load_checkpoint,
+    load_model_weights,
+    pick_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from .config import ConfigError, TrainConfig, num_microbatches, validate
 from .optim import grads_are_finite, resolve_dtype, setup_model_and_optimizer
 
 __all__ = [
@@ -46,6 +56,9 @@ __all__ = [
     "ModelProvider",
     "ForwardStep",
     "DataProvider",
+    "TrainingDiverged",
+    "preflight_checkpoints",
+    "preflight",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,6 +70,46 @@ ForwardStep = Callable[[Iterator, torch.nn.Module], tuple]
 DataProvider = Callable[[TrainConfig, str], Optional[Iterable]]
 
 PEAK_TFLOPS_CUDA_DEFAULT = 989.0  # H100 SXM dense bf16
+
+
+class TrainingDiverged(RuntimeError):
+    """``optimizer.max_skipped_steps`` steps in a row had non-finite gradients."""
+
+
+def preflight(cfg: TrainConfig, *, prefixes: Sequence[tuple[str, Optional[str]]] = ()) -> None:
+    """Everything a run can check before process groups and models exist, so a command line fails in
+    seconds with one message: the config's rules (with torchrun's ``WORLD_SIZE``), the preprocessed
+    datasets it will read (``prefixes``: extra ``(flag, PREFIX)`` pairs), ``model.init_from`` and its
+    checkpoints (:func:`preflight_checkpoints`)."""
+    import os
+
+    from m2mega.runtime.cli import require_paths, require_prefixes
+
+    ws = os.environ.get("WORLD_SIZE")
+    validate(cfg, int(ws) if ws and ws.isdigit() else None)
+    d = cfg.data
+    data = [("data.train_prefix", d.train_prefix), ("data.valid_prefix", d.valid_prefix)]
+    if cfg.mode == "grpo" and cfg.grpo.eval_interval:
+        data.append(("grpo.eval_prefix", cfg.grpo.eval_prefix))
+    if cfg.mode == "grpo" and not d.train_prefix:
+        raise ConfigError("data.train_prefix must name the preprocessed RL prompts (tools/preprocess_data.py)")
+    require_prefixes([*(data if d.source == "packed" or cfg.mode == "grpo" else []), *prefixes])
+    require_paths([("model.init_from", cfg.model.init_from)])
+    preflight_checkpoints(cfg)
+
+
+def preflight_checkpoints(cfg: TrainConfig) -> None:
+    """What the run's checkpoints must satisfy, checked before any model is built: ``save_dir`` belongs to
+    this run (:func:`check_save_dir`) and the checkpoint it resumes from, and ``model.init_from``, were
+    saved with this config's architecture (:func:`check_model_config`)."""
+    c = cfg.checkpoint
+    check_save_dir(cfg)
+    root = c.load_dir or c.save_dir
+    found = find_latest(root) if c.resume and root else None
+    if found is not None:
+        check_model_config(found[1], cfg)
+    elif cfg.model.init_from:
+        check_model_config(resolve_checkpoint(cfg.model.init_from), cfg)
 
 
 def training_transformer_overrides(cfg: TrainConfig) -> dict:
@@ -173,6 +226,7 @@ class Trainer:
         self.cfg = cfg
         self.dp_size = ps.get_data_parallel_world_size()
         self.num_microbatches = num_microbatches(cfg, self.dp_size)
+        preflight_checkpoints(cfg)
         seed_everything(cfg.seed)  # the same seed builds the same weights, whatever ran before
         chunks = model_provider(cfg)
         chunks = list(chunks) if isinstance(chunks, (list, tuple)) else [chunks]
@@ -182,15 +236,17 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.iteration = 0
         self.skipped_steps = 0
+        self.consecutive_skipped = 0
         self.last_checkpoint: Optional[str] = None
+        # The newest checkpoint saved while steps were finite: keep_last rotation never deletes it.
+        self.last_good_checkpoint: Optional[str] = None
         self._states: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {}
         self._writer = None
         self._progress: Optional[_Progress] = None
-        if self.rank == 0 and cfg.logging.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
+        if self.rank == 0:  # TensorBoard and/or W&B (logging.*) behind one add_scalar; None if neither
+            from .metrics_sink import open_metrics_sink
 
-            self._writer = SummaryWriter(cfg.logging.tensorboard_dir)
-            self._writer.add_text("config", "```\n" + to_yaml(cfg) + "\n```", 0)
+            self._writer = open_metrics_sink(cfg)
 
     # ------------------------------------------------------------------ state and checkpoints
 
@@ -199,7 +255,7 @@ class Trainer:
         self._states[name] = (get, set)
 
     def _extra(self) -> dict:
-        extra = {"skipped_steps": self.skipped_steps,
+        extra = {"skipped_steps": self.skipped_steps, "consecutive_skipped": self.consecutive_skipped,
                  "consumed_samples": self.iteration * self.cfg.schedule.global_batch_size}
         extra["registered"] = {k: g() for k, (g, _) in self._states.items()}
         return extra
@@ -212,7 +268,10 @@ class Trainer:
         self.last_checkpoint = save_checkpoint(
             c.save_dir, self.iteration, self.model, self.optimizer, self.scheduler,
             cfg=self.cfg, data_state=data_state, extra=self._extra(),
+            protect=[self.last_good_checkpoint] if self.last_good_checkpoint and self.consecutive_skipped else (),
         )
+        if self.consecutive_skipped == 0:
+            self.last_good_checkpoint = self.last_checkpoint
         return self.last_checkpoint
 
     def resume(self, data_loader: Any = None) -> Optional[LoadedCheckpoint]:
@@ -222,7 +281,7 @@ class Trainer:
         if not c.resume or not root:
             return None
         # Rank 0 picks, everyone follows: ranks must not disagree if a save lands meanwhile.
-        found = [find_latest(root) if self.rank == 0 else None]
+        found = [pick_checkpoint(root) if self.rank == 0 else None]
         if dist.is_initialized():
             dist.broadcast_object_list(found, src=0)
         if found[0] is None:
@@ -233,6 +292,9 @@ class Trainer:
                              optimizer_format=c.optimizer_format)
         self.iteration = ck.iteration
         self.skipped_steps = int(ck.extra.get("skipped_steps", 0))
+        self.consecutive_skipped = int(ck.extra.get("consecutive_skipped", 0))
+        if self.consecutive_skipped == 0:
+            self.last_good_checkpoint = path
         for name, value in (ck.extra.get("registered") or {}).items():
             if name in self._states:
                 self._states[name][1](value)
@@ -293,12 +355,23 @@ class Trainer:
                 self.scheduler.step(increment=1)
         if skipped:
             self.skipped_steps += 1
+            self.consecutive_skipped += 1
+        else:
+            self.consecutive_skipped = 0
         self.iteration += 1
         metrics = self._reduce_reports(reports)
         num_tokens = int(metrics.pop("num_tokens", 0))
         res = StepResult(self.iteration, metrics, lr, None if grad_norm is None else float(grad_norm),
                          skipped, num_tokens, self._now() - t0)
         self._log_train(res)
+        limit = self.cfg.optimizer.max_skipped_steps
+        if limit and self.consecutive_skipped >= limit:
+            # Every rank saw the same (all-reduced) skip decisions, so every rank stops here together.
+            raise TrainingDiverged(
+                f"the run has diverged: {self.consecutive_skipped} steps in a row (up to iteration "
+                f"{self.iteration}) had non-finite gradients (optimizer.max_skipped_steps={limit}); the last "
+                f"checkpoint saved before that is {self.last_good_checkpoint or 'none'}. Lower optimizer.lr or "
+                f"check the data, then resume from it")
         return res
 
     @torch.no_grad()
@@ -449,6 +522,16 @@ class Trainer:
             self._writer = None
 
 
+def describe_checkpoint(path: str) -> str:
+    """``path`` as the checkpoint it resolves to, with its iteration when it is a training save."""
+    import os
+    import re
+
+    resolved = resolve_checkpoint(path)
+    m = re.fullmatch(r"iter_(\d+)", os.path.basename(resolved.rstrip(os.sep)))
+    return f"{resolved} (iteration {int(m.group(1))})" if m else f"{resolved} (a converted checkpoint)"
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy, torch and megatron's model-parallel RNG tracker."""
     import random
@@ -486,7 +569,9 @@ def train(
     loader = data_provider(cfg, "train")
     if loader is None:
         raise ValueError("data_provider returned no train loader")
-    trainer.resume(loader)
+    resumed = trainer.resume(loader)
+    if trainer.rank == 0 and cfg.model.init_from and resumed is None:
+        trainer._say(f"model initialised from {describe_checkpoint(cfg.model.init_from)}")
     start = trainer.iteration
     end = min(cfg.schedule.train_iters, stop_at) if stop_at is not None else cfg.schedule.train_iters
     summary = TrainSummary(start_iteration=start, iterations=0)

@@ -7,7 +7,8 @@ communication inside a replica. Data-parallel replicas hold different prompts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -17,7 +18,7 @@ from m2mega.data.loader import RLPrompt
 from m2mega.inference.generate import generate
 from m2mega.rewards import RewardConfig, compute_reward
 
-__all__ = ["Rollouts", "generate_rollouts", "score_rollouts"]
+__all__ = ["Rollouts", "generate_rollouts", "score_rollouts", "select_groups", "task_metrics", "write_rollouts"]
 
 
 @dataclass
@@ -109,7 +110,8 @@ def score_rollouts(
     for i, toks in enumerate(rollouts.response_tokens):
         info = rollouts.prompt_of(i).info
         text = decode(toks.tolist())
-        r = compute_reward(text, info.answer, info.task, info.answer_type, reward_config)
+        # The record's fields reach a user's reward.custom_function as extra_info (verl's convention).
+        r = compute_reward(text, info.answer, info.task, info.answer_type, reward_config, extra=asdict(info))
         texts.append(text)
         total.append(r.total)
         acc.append(r.accuracy)
@@ -123,3 +125,113 @@ def score_rollouts(
     rollouts.format_ok = torch.tensor(fmt, dtype=torch.float32)
     rollouts.repetition = torch.tensor(rep, dtype=torch.float32)
     return rollouts
+
+
+def task_metrics(rollouts: Rollouts) -> dict[str, dict[str, float]]:
+    """Per-task means of reward, accuracy, correctness, response length and repetition rate."""
+    acc: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    tasks = rollouts.tasks()
+    for i, task in enumerate(tasks):
+        for key in (task, "all"):
+            d = acc[key]
+            d["reward"].append(float(rollouts.rewards[i]))
+            d["accuracy"].append(float(rollouts.accuracy[i]))
+            d["correct"].append(float(rollouts.correct[i]))
+            d["format"].append(float(rollouts.format_ok[i]))
+            d["response_len"].append(float(rollouts.response_tokens[i].numel()))
+            d["repetition"].append(float(rollouts.repetition[i]))
+    return {t: {k: sum(v) / len(v) for k, v in d.items()} for t, d in acc.items()}
+
+
+def select_groups(groups: list[tuple[Rollouts, int]], G: int) -> Rollouts:
+    """One Rollouts of the chosen ``(rollouts, group index)`` pairs, in order."""
+    idx = [(r, k * G + j) for r, k in groups for j in range(G)]
+    pick = lambda attr: torch.stack([getattr(r, attr)[i] for r, i in idx]) if idx else None  # noqa: E731
+    return Rollouts(
+        prompts=[r.prompts[k] for r, k in groups],
+        group_size=G,
+        response_tokens=[r.response_tokens[i] for r, i in idx],
+        finished=pick("finished"),
+        texts=[r.texts[i] for r, i in idx],
+        rewards=pick("rewards"),
+        accuracy=pick("accuracy"),
+        correct=pick("correct"),
+        format_ok=pick("format_ok"),
+        repetition=pick("repetition"),
+    )
+
+
+def write_rollouts(*, checkpoint: str, input_path: str, output_path: str, num_rollouts: int,
+                   batch_prompts: int = 16) -> int:
+    """Sample ``num_rollouts`` responses per RL row of ``input_path`` (JSONL) with a training checkpoint and
+    write ``{"id", "responses"}`` lines to ``output_path`` (what ``tools/score_difficulty.py`` scores).
+
+    The model, sampling settings and preprocessing (tokenizer, system prompt, pixel bounds) are the
+    checkpoint's own (its ``config.yaml`` and its training data's ``meta.json``). Runs in this process at
+    TP1 (or under torchrun: TP = world size). Rows the preprocessor rejects get no line (score_difficulty
+    reports them as missing) and are listed in ``output_path + ".rejects.jsonl"``. Returns rows written."""
+    import dataclasses
+    import json
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    import m2mega.runtime as rt
+    from m2mega.data.preprocess import PreprocessConfig, preprocess
+    from m2mega.eval.run import load_policy, prefix_prompts, stop_token_ids
+
+    from . import vlm
+    from .checkpoint import find_latest
+    from .config import load_config
+
+    ckpt = checkpoint
+    if not os.path.isfile(os.path.join(ckpt, "config.yaml")):
+        found = find_latest(checkpoint)
+        if found is None:
+            raise FileNotFoundError(f"{checkpoint}: no complete checkpoint with a config.yaml")
+        ckpt = found[1]
+    cfg = load_config(os.path.join(ckpt, "config.yaml"))
+    meta_path = (cfg.data.train_prefix or "") + ".meta.json"
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    pc = meta["config"]
+    from m2mega.data.dataset_meta import dataset_tokenizer_path
+
+    tok_path = dataset_tokenizer_path(cfg.data.train_prefix, meta, cfg.data.tokenizer)
+    pre = PreprocessConfig(tokenizer_type=meta["tokenizer_type"], tokenizer_model=tok_path,
+                           seq_length=pc["seq_length"], min_pixels=pc["min_pixels"], max_pixels=pc["max_pixels"],
+                           system_prompt=pc["system_prompt"], order="input", progress=False)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not ps.model_parallel_is_initialized():
+        rt.init(world, 1, seed=cfg.seed)
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, tp=world, pp=1))
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "prompts")
+        if dist.get_rank() == 0:
+            preprocess([input_path], prefix, pre, reject_file=output_path + ".rejects.jsonl")
+        dist.barrier()
+        model = load_policy(cfg, ckpt)
+        tok = vlm.tokenizer_from_prefix(cfg.data.train_prefix, cfg.data.tokenizer)
+        prompts = prefix_prompts(prefix)
+        g = cfg.grpo
+        n = 0
+        out = open(output_path, "w", encoding="utf-8") if dist.get_rank() == 0 else None
+        try:
+            for start in range(0, len(prompts), batch_prompts):
+                chunk = prompts[start : start + batch_prompts]
+                r = generate_rollouts(model, chunk, group_size=num_rollouts, max_new_tokens=g.max_new_tokens,
+                                      temperature=g.temperature, top_p=g.top_p,
+                                      eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_id,
+                                      seed=cfg.seed + start)
+                for k, p in enumerate(chunk):
+                    texts = [tok.decode(r.response_tokens[k * num_rollouts + j].tolist(), skip_special_tokens=True)
+                             for j in range(num_rollouts)]
+                    if out is not None:
+                        out.write(json.dumps({"id": p.info.id, "responses": texts}, ensure_ascii=False) + "\n")
+                    n += 1
+        finally:
+            if out is not None:
+                out.close()
+    return n

@@ -23,10 +23,27 @@ import sys
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Iterator, Optional
 
-import torch
 
-from .config import TrainConfig, load_config, num_microbatches, to_yaml
-from .loop import TrainSummary, train, training_transformer_overrides
+def build_parser() -> argparse.ArgumentParser:
+    """The command line. Defined above the torch/megatron imports so ``--help`` does not wait for them."""
+    parser = argparse.ArgumentParser(
+        prog="python -m m2mega.train.sft",
+        description="Cold-start SFT on megatron-core. Any config key can be overridden: --section.key=value",
+    )
+    parser.add_argument("--config", help="YAML config (see examples/tiny/ or examples/qwen25vl_7b/sft.yaml)")
+    from m2mega.train.config import add_print_config_flag  # config.py imports no torch: --help stays fast
+
+    add_print_config_flag(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_known_args()  # --help / usage errors answer here, before ~5-10 s of imports
+
+import torch  # noqa: E402
+
+from .config import ConfigError, TrainConfig, load_config, num_microbatches, to_yaml  # noqa: E402
+from .loop import TrainSummary, train, training_transformer_overrides  # noqa: E402
 
 __all__ = [
     "SFTBatch",
@@ -162,7 +179,7 @@ def sft_data_provider(cfg: TrainConfig, split: str):
     if d.source == "synthetic":
         # Same task (seed), disjoint samples for validation.
         first = 0 if split == "train" else 1 << 40
-        return SyntheticSFTLoader(cfg.model.vocab_size, s.seq_length, s.micro_batch_size,
+        return SyntheticSFTLoader(cfg.model.gpt.vocab_size, s.seq_length, s.micro_batch_size,
                                   dp_rank=dp_rank, dp_size=dp_size, seed=d.seed, first_sample=first)
     if d.source == "packed":
         prefix = d.train_prefix if split == "train" else d.valid_prefix
@@ -205,7 +222,7 @@ class _RMSNorm(torch.nn.RMSNorm):
 
 
 def gpt_model_provider(cfg: TrainConfig):
-    """This rank's stage of a Qwen2.5-shaped megatron-core GPTModel built from ``cfg.model``."""
+    """This rank's stage of a Qwen2.5-shaped megatron-core GPTModel built from ``cfg.model.gpt``."""
     import torch.nn.functional as F
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -215,14 +232,14 @@ def gpt_model_provider(cfg: TrainConfig):
 
     from m2mega.runtime import device
 
-    m = cfg.model
+    m, g = cfg.model, cfg.model.gpt
     tcfg = TransformerConfig(
-        num_layers=m.num_layers,
-        hidden_size=m.hidden_size,
-        num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups,
-        ffn_hidden_size=m.ffn_hidden_size,
-        kv_channels=m.hidden_size // m.num_attention_heads,
+        num_layers=g.num_layers,
+        hidden_size=g.hidden_size,
+        num_attention_heads=g.num_attention_heads,
+        num_query_groups=g.num_query_groups,
+        ffn_hidden_size=g.ffn_hidden_size,
+        kv_channels=g.hidden_size // g.num_attention_heads,
         normalization="RMSNorm",
         layernorm_epsilon=1e-6,
         gated_linear_unit=True,
@@ -243,13 +260,13 @@ def gpt_model_provider(cfg: TrainConfig):
     model = GPTModel(
         tcfg,
         block,
-        vocab_size=m.vocab_size,
-        max_sequence_length=m.max_position_embeddings,
+        vocab_size=g.vocab_size,
+        max_sequence_length=g.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=not m.untie_embeddings,
+        share_embeddings_and_output_weights=not g.untie_embeddings,
         position_embedding_type="rope",
-        rotary_base=m.rotary_base,
+        rotary_base=g.rotary_base,
     )
     return model.to(device())
 
@@ -260,15 +277,43 @@ def gpt_flops_per_token(cfg: TrainConfig) -> float:
     Forward per token: 2 x (QKV + output projection + gated MLP) weights per layer, attention scores and
     values 2 x 2 x h x (S/2) (causal: average context S/2), and the output layer 2 x h x V.
     """
-    m, s = cfg.model, cfg.schedule.seq_length
-    h, L, f, v = m.hidden_size, m.num_layers, m.ffn_hidden_size, m.vocab_size
-    kv = h // m.num_attention_heads * m.num_query_groups
+    g, s = cfg.model.gpt, cfg.schedule.seq_length
+    h, L, f, v = g.hidden_size, g.num_layers, g.ffn_hidden_size, g.vocab_size
+    kv = h // g.num_attention_heads * g.num_query_groups
     per_layer = 2 * h * (h + 2 * kv) + 2 * h * h + 2 * 3 * h * f + 2 * 2 * h * (s / 2)
     fwd = L * per_layer + 2 * h * v
-    return (4.0 if m.recompute == "full" else 3.0) * fwd
+    return (4.0 if cfg.model.recompute == "full" else 3.0) * fwd
 
 
-register_model_family("gpt", gpt_model_provider, gpt_flops_per_token)
+def validate_gpt(cfg: TrainConfig) -> None:
+    """Shape rules of the gpt family (``model.gpt``) against the parallel layout and sequence length."""
+    g, p = cfg.model.gpt, cfg.parallel
+
+    def check(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                 "vocab_size", "max_position_embeddings"):  # fmt: skip
+        check(getattr(g, name) >= 1, f"model.gpt.{name} must be >= 1, got {getattr(g, name)}")
+    check(g.hidden_size % g.num_attention_heads == 0,
+          f"model.gpt.hidden_size {g.hidden_size} is not divisible by model.gpt.num_attention_heads "
+          f"{g.num_attention_heads}")
+    check(g.num_attention_heads % g.num_query_groups == 0,
+          f"model.gpt.num_attention_heads {g.num_attention_heads} is not divisible by model.gpt.num_query_groups "
+          f"{g.num_query_groups}")
+    check(g.num_attention_heads % p.tp == 0 and g.num_query_groups % p.tp == 0,
+          f"parallel.tp={p.tp} must divide model.gpt.num_attention_heads ({g.num_attention_heads}) and "
+          f"model.gpt.num_query_groups ({g.num_query_groups})")
+    check(g.num_layers >= p.pp, f"model.gpt.num_layers {g.num_layers} < parallel.pp {p.pp}")
+    check(g.vocab_size % p.tp == 0, f"model.gpt.vocab_size {g.vocab_size} is not divisible by parallel.tp {p.tp} "
+                                    f"(the output layer is split by vocabulary)")
+    check(cfg.schedule.seq_length <= g.max_position_embeddings,
+          f"schedule.seq_length {cfg.schedule.seq_length} > model.gpt.max_position_embeddings "
+          f"{g.max_position_embeddings}")
+
+
+register_model_family("gpt", gpt_model_provider, gpt_flops_per_token, validate_gpt)
 
 
 # ----------------------------------------------------------------------------------------- step
@@ -333,15 +378,16 @@ def run_sft(cfg: TrainConfig, *, stop_at: Optional[int] = None) -> TrainSummary:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m m2mega.train.sft",
-        description="Cold-start SFT on megatron-core. Any config key can be overridden: --section.key=value",
-    )
-    parser.add_argument("--config", help="YAML config (see examples/qwen25vl_7b/sft.yaml)")
+    parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
     if cfg.mode != "sft":
-        parser.error(f"mode is {cfg.mode!r}; this entry point runs SFT")
+        from m2mega.runtime.cli import UsageError
+
+        raise UsageError(f"mode is {cfg.mode!r}; this entry point runs SFT")
+    from .loop import preflight
+
+    preflight(cfg)  # config, data paths, checkpoints: before process groups and the model
 
     import m2mega.runtime as rt
 
@@ -361,8 +407,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"checkpoint {summary.last_checkpoint}", flush=True)
     finally:
         rt.shutdown()
+    from .hf_files import export_final_hf
+
+    export_final_hf(cfg, summary.last_checkpoint)  # checkpoint.save_hf: after the job's process groups are gone
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from m2mega.runtime.cli import run_main
+
+    sys.exit(run_main(main))

@@ -9,8 +9,12 @@ import os
 
 
 from m2mega.models.qwen25vl import Qwen25VLConfig, preset
+from m2mega.models.qwen25vl.config import PRESETS
 
-__all__ = ["arch_for_tokenizer", "resolve_arch", "qwen25vl_flops_per_token"]
+from .config import ConfigError
+
+__all__ = ["arch_for_tokenizer", "arch_source", "checkpoint_hf_config", "resolve_arch", "validate_qwen25vl",
+           "qwen25vl_flops_per_token"]
 
 
 def resolve_arch(name_or_path: str) -> Qwen25VLConfig:
@@ -59,28 +63,69 @@ def qwen25vl_flops_per_token(arch: Qwen25VLConfig, seq_length: int) -> float:
     return float(6 * dense + attn)
 
 
-def tokenizer_from_prefix(prefix: str):
-    """The tokenizer a dataset was preprocessed with (recorded in ``PREFIX.meta.json``)."""
-    import json
+def tokenizer_from_prefix(prefix: str, override: str | None = None):
+    """The tokenizer a dataset was preprocessed with (see :mod:`m2mega.data.dataset_meta`)."""
+    from m2mega.data.dataset_meta import dataset_tokenizer
 
-    from m2mega.data.tokenizer import build_tokenizer
+    return dataset_tokenizer(prefix, override)
 
-    path = prefix + ".meta.json"
+
+def checkpoint_hf_config(path: str) -> str | None:
+    """The HF ``config.json`` a checkpoint carries: ``path/config.json`` for one checkpoint (converted or
+    saved by training), else that of the newest complete checkpoint of the save root ``path``."""
+    from .checkpoint import find_latest
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return os.path.join(path, "config.json")
+    found = find_latest(path) if os.path.isdir(path) else None
+    if found is not None and os.path.isfile(os.path.join(found[1], "config.json")):
+        return os.path.join(found[1], "config.json")
+    return None
+
+
+def arch_source(cfg) -> str:
+    """Where the architecture comes from: ``model.preset``, else the config.json of ``model.init_from``.
+    Never a silent default: a run whose shape nobody chose would train (and save) the wrong model."""
+    m = cfg.model
+    if m.preset:
+        return m.preset
+    if m.init_from:
+        found = checkpoint_hf_config(m.init_from)
+        if found is None:
+            raise ConfigError(f"model.preset is not set and model.init_from {m.init_from} holds no config.json: "
+                              f"set model.preset ({', '.join(PRESETS)}, an HF config.json or a directory)")
+        return found
+    raise ConfigError(f"model.preset is required for model.family qwen25vl: one of {', '.join(PRESETS)}, an HF "
+                      f"config.json or a directory holding one (or set model.init_from to a checkpoint that "
+                      f"carries its config.json)")
+
+
+def validate_qwen25vl(cfg) -> None:
+    """The real Qwen2.5-VL shape (preset or config.json) against TP/PP and the sequence length. Records the
+    resolved architecture source in ``model.preset`` so the saved config names what was built."""
+    src = arch_source(cfg)
     try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except OSError as e:
-        raise FileNotFoundError(f"{path}: cannot read the dataset's metadata ({e}); run tools/preprocess_data.py") from e
-    if not meta.get("tokenizer_model"):
-        raise ValueError(f"{path} records no tokenizer_model")
-    return build_tokenizer(meta.get("tokenizer_type", "HuggingFaceTokenizer"), meta["tokenizer_model"])
+        arch = resolve_arch(src)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"model.preset {src!r}: {e}") from None
+    cfg.model.preset = src
+    p, t, v = cfg.parallel, arch.text, arch.vision
+    for what, n in (("attention heads", t.num_attention_heads), ("key/value heads", t.num_key_value_heads),
+                    ("vision attention heads", v.num_heads)):
+        if n % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} must divide the {n} {what} of Qwen2.5-VL {arch.name!r}")
+    if t.num_layers < p.pp:
+        raise ConfigError(f"parallel.pp={p.pp} exceeds the {t.num_layers} layers of Qwen2.5-VL {arch.name!r}")
+    if cfg.schedule.seq_length > t.max_position_embeddings:
+        raise ConfigError(f"schedule.seq_length {cfg.schedule.seq_length} > max_position_embeddings "
+                          f"{t.max_position_embeddings} of Qwen2.5-VL {arch.name!r}")
 
 
 def arch_from_config(cfg) -> Qwen25VLConfig:
-    """``model.preset`` (name, HF config.json or directory; default tiny) matched to the data's tokenizer."""
-    arch = resolve_arch(cfg.model.preset or "tiny")
+    """The architecture of :func:`arch_source` matched to the data's tokenizer."""
+    arch = resolve_arch(arch_source(cfg))
     if cfg.data.train_prefix:
-        arch = arch_for_tokenizer(arch, tokenizer_from_prefix(cfg.data.train_prefix))
+        arch = arch_for_tokenizer(arch, tokenizer_from_prefix(cfg.data.train_prefix, cfg.data.tokenizer))
     return arch
 
 
@@ -106,4 +151,4 @@ def _flops(cfg) -> float:
 
 from .families import register_model_family  # noqa: E402
 
-register_model_family("qwen25vl", qwen25vl_model_provider, _flops)
+register_model_family("qwen25vl", qwen25vl_model_provider, _flops, validate_qwen25vl)

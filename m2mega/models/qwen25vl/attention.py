@@ -7,10 +7,12 @@ that computes attention restricted to segments given by ``cu_seqlens``:
 - the LM's THD micro-batches (several samples packed into one row, causal inside each sample),
 - the vision tower's per-image full attention and per-window attention (non-causal).
 
-Backends, picked per call (``M2MEGA_ATTN_BACKEND`` or the ``backend`` argument can force one):
+Backends, picked per call by :func:`m2mega.runtime.backends.select_backends` (``M2MEGA_ATTN_BACKEND`` or
+the ``backend`` argument can force one):
 
-- ``flash_attn``: ``flash_attn_varlen_func`` when flash-attn is installed (CUDA, fp16/bf16),
-- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16; flash kernels in torch),
+- ``flash_attn``: ``flash_attn_varlen_func`` when flash-attn is installed (CUDA sm80+, fp16/bf16),
+- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA sm80+, fp16/bf16, no dropout; flash
+  kernels in torch: the THD path of a GPU without TE or flash-attn),
 - ``sdpa``: ``scaled_dot_product_attention`` on chunks of whole segments with a block-diagonal (and causal)
   mask, so memory is bounded by the chunk size, not the packed length (CPU, fp32, anything).
 
@@ -35,6 +37,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+
+from m2mega.runtime.backends import Environment, select_backends
 
 try:  # optional: only on CUDA machines with flash-attn installed
     from flash_attn import flash_attn_varlen_func as _flash_varlen  # type: ignore
@@ -71,17 +75,8 @@ def packed_seq_params_from_lengths(lengths: list[int] | Tensor, device=None) -> 
 
 
 def _pick_backend(q: Tensor, backend: str | None, dropout_p: float) -> str:
-    backend = backend or os.environ.get("M2MEGA_ATTN_BACKEND", "auto")
-    if backend != "auto":
-        if backend == "flash_attn" and _flash_varlen is None:
-            raise RuntimeError("attention backend 'flash_attn' requested but flash-attn is not installed")
-        return backend
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        if _flash_varlen is not None:
-            return "flash_attn"
-        if _torch_varlen is not None and dropout_p == 0.0:
-            return "torch_varlen"
-    return "sdpa"
+    # The one selection rule (m2mega.runtime.backends), fed with this call's device, dtype and dropout.
+    return select_backends(Environment.of(q), q.dtype, dropout_p, attention=backend).attention
 
 
 def _chunks(lengths: list[int], limit: int, solo: int) -> list[tuple[int, int]]:

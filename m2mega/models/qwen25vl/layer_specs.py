@@ -15,6 +15,7 @@ others within 112-px windows.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -28,13 +29,19 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from m2mega.runtime.backends import Environment, select_backends
+
 from .attention import PackedAttention
 
 __all__ = ["RMSNorm", "language_layer_spec", "language_block_spec", "vision_block_spec", "merger_mlp_spec"]
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm as HF Qwen2 computes it: ``w * (x_fp32 * rsqrt(mean(x_fp32^2) + eps)).to(x.dtype)``."""
+    """RMSNorm as HF Qwen2 computes it: ``w * (x_fp32 * rsqrt(mean(x_fp32^2) + eps)).to(x.dtype)``.
+
+    The normalisation runs as torch's fused ``F.rms_norm`` on CUDA (one kernel; it normalises a half
+    input in fp32 and casts once, i.e. HF's rounding) or as the explicit formula, by the rule in
+    :func:`m2mega.runtime.backends.select_backends`."""
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **_unused):
         super().__init__()
@@ -45,6 +52,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if select_backends(Environment.of(x), dtype).rms_norm == "torch_fused":
+            return self.weight * F.rms_norm(x, (x.shape[-1],), None, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)

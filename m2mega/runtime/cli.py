@@ -1,0 +1,95 @@
+"""How every m2mega command line reports a problem the user can fix: one line ``error: ...`` on stderr and
+exit code 2 (a bad flag, config value, missing input) or 1 (the run started and failed for a stated
+reason: a damaged or unsafe checkpoint, a diverged run), never a traceback, and under ``torchrun`` printed
+once (by rank 0: every rank checks the same config and files, so every rank fails the same way).
+
+    if __name__ == "__main__":
+        sys.exit(run_main(main))
+
+Set ``M2MEGA_TRACEBACK=1`` to get the traceback instead (debugging m2mega itself). Entry points check
+their config and input paths (:func:`require_prefixes`, ``m2mega.train.loop.preflight``) before they
+initialise process groups or build a model, so these errors come within seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Iterable, Optional, Sequence
+
+__all__ = ["UsageError", "run_main", "report", "launch_rank", "require_prefixes", "require_paths"]
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+class UsageError(ValueError):
+    """A flag or input path the user has to fix (exit code 2)."""
+
+
+def launch_rank() -> int:
+    """This process's global rank as torchrun announces it (before torch.distributed is initialised)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def report(message: str, code: int = EXIT_USAGE) -> int:
+    """Print ``error: message`` (first line only matters; it is one line) on rank 0; return ``code``."""
+    if launch_rank() == 0:
+        line = " ".join(str(message).split("\n"))
+        print(f"error: {line}", file=sys.stderr, flush=True)
+    return code
+
+
+def _classify(exc: BaseException) -> Optional[int]:
+    """Exit code for the errors whose message is the whole story, None for bugs (which keep their trace)."""
+    from m2mega.convert.checks import CheckpointMismatch, CorruptCheckpoint, UnsafeCheckpoint
+
+    usage: tuple = (UsageError, FileNotFoundError, NotADirectoryError, CheckpointMismatch)
+    failed: tuple = (UnsafeCheckpoint, CorruptCheckpoint)
+    try:
+        from m2mega.train.config import ConfigError
+
+        usage += (ConfigError,)
+    except ImportError:
+        pass
+    if "m2mega.train.loop" in sys.modules:  # loaded only by runs that train
+        failed += (sys.modules["m2mega.train.loop"].TrainingDiverged,)
+    if isinstance(exc, usage):
+        return EXIT_USAGE
+    if isinstance(exc, failed):
+        return EXIT_FAILED
+    return None
+
+
+def run_main(main: Callable[[Optional[list[str]]], int], argv: Optional[list[str]] = None) -> int:
+    """Run an entry point's ``main``, turning user errors into one ``error:`` line and an exit code."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        return report("interrupted", 130)
+    except Exception as e:
+        code = _classify(e)
+        if code is None or os.environ.get("M2MEGA_TRACEBACK") == "1":
+            raise
+        return report(str(e) or type(e).__name__, code)
+
+
+def require_paths(paths: Iterable[tuple[str, Optional[str]]]) -> None:
+    """``(flag, path)`` pairs: every set path must exist; raises :class:`UsageError` naming the flag."""
+    for flag, path in paths:
+        if path and not os.path.exists(path):
+            raise UsageError(f"{flag}: {path} does not exist")
+
+
+def require_prefixes(prefixes: Sequence[tuple[str, Optional[str]]]) -> None:
+    """``(flag, PREFIX)`` pairs of preprocessed datasets: PREFIX.bin and PREFIX.idx must exist."""
+    for flag, prefix in prefixes:
+        if not prefix:
+            continue
+        missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+        if missing:
+            raise UsageError(f"{flag}: dataset {prefix} is missing {', '.join(missing)} "
+                             f"(write it with tools/preprocess_data.py)")

@@ -1,0 +1,157 @@
+"""The paper's GRPO ablations as one command, on the CPU demo's pipeline:
+
+    python tools/ablate.py [--seeds 3] [--arms all|name,...] [--out ablation_output] [--quick]
+
+Per seed, the demo's data, tokenizer, preprocessing and cold-start SFT run once (``examples/demo``); every
+arm then runs GRPO from that same SFT checkpoint with the same data, iterations and sampling budget,
+changing one config switch against the baseline (curriculum order, EDNM lambda 2, Eq. 6 dynamic weights,
+Eq. 7 cosine KL, no repetition penalty). Each arm is scored by its held-out curve's last point (greedy,
+the demo's held-out split). Writes ``<out>/ablations.md`` (mean +- 95% interval over seeds of held-out
+accuracy and reward per task and of the repetition rate, and each arm's difference to the baseline with
+its paired interval) and ``<out>/ablations.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# arm -> overrides of the demo's GRPO config (section -> {key: value}); "baseline" is the paper's recipe
+ARMS: dict[str, dict] = {
+    "baseline": {},
+    "shuffled": {"data": {"order": "shuffle"}},
+    "ednm_lambda1": {"grpo": {"ednm_lambda": 1.0}},
+    "ednm_lambda5": {"grpo": {"ednm_lambda": 5.0}},
+    "binary_numeric": {"grpo": {"numeric_reward": "binary"}},
+    "static_weights": {"grpo": {"advantage_weighting": "static"}},
+    "constant_kl": {"grpo": {"kl_schedule": "constant", "beta": 0.0225}},  # the cosine's mean (0.04 -> 0.005)
+    "repetition_penalty": {"grpo": {"repetition_penalty": True}},
+}
+
+
+def _demo():
+    spec = importlib.util.spec_from_file_location("m2mega_demo", ROOT / "examples/demo/run_demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def arm_config(base: dict, arm: str, out: Path) -> dict:
+    """The baseline GRPO config with ``arm``'s overrides and its own checkpoint / TensorBoard dirs."""
+    cfg = copy.deepcopy(base)
+    for section, kv in ARMS[arm].items():
+        cfg.setdefault(section, {}).update(kv)
+    cfg["checkpoint"] = {**cfg["checkpoint"], "save_dir": str(out / f"ckpt_{arm}"), "save_at_end": False}
+    cfg["logging"] = {**cfg["logging"], "tensorboard_dir": str(out / f"tb/{arm}")}
+    return cfg
+
+
+def summarize(results: dict[str, list[dict]]) -> tuple[str, list[str]]:
+    """Markdown table: per arm, mean +- 95% interval over seeds of held-out accuracy / reward per task and
+    the repetition rate; then each arm minus the baseline (paired by seed) with a within-noise verdict."""
+    from m2mega.eval.held_out import mean_ci
+
+    arms = list(results)
+    tasks = sorted({t for rs in results.values() for r in rs for t in r if t != "all" and not t.startswith("_")})
+    tasks.append("all")
+    head = ["arm", "seeds"] + [f"{t} acc" for t in tasks] + [f"{t} reward" for t in tasks] + ["repetition"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |"]
+
+    def cell(vals: list[float]) -> str:
+        m, h = mean_ci(vals)
+        return f"{m:.3f}" + (f" +- {h:.3f}" if h == h else "")
+
+    for arm in arms:
+        rs = results[arm]
+        row = [arm, str(len(rs))]
+        row += [cell([r.get(t, {}).get("correct", float("nan")) for r in rs]) for t in tasks]
+        row += [cell([r.get(t, {}).get("reward", float("nan")) for r in rs]) for t in tasks]
+        row.append(cell([r["all"]["repetition"] for r in rs]))
+        lines.append("| " + " | ".join(row) + " |")
+    verdicts = []
+    if "baseline" in results:
+        lines += ["", "Difference to the baseline (same seed, same SFT model), all tasks, mean +- 95% interval:", "",
+                  "| arm | d acc | d reward | within noise? |", "| --- | ---: | ---: | --- |"]
+        base = {r["_seed"]: r for r in results["baseline"]}
+        for arm in arms:
+            if arm == "baseline":
+                continue
+            pairs = [(r, base[r["_seed"]]) for r in results[arm] if r["_seed"] in base]
+            da = mean_ci([r["all"]["correct"] - b["all"]["correct"] for r, b in pairs])
+            dr = mean_ci([r["all"]["reward"] - b["all"]["reward"] for r, b in pairs])
+            noise = all(h != h or abs(m) <= h for m, h in (da, dr))
+            verdicts.append(f"{arm}: {'within noise' if noise else 'outside the 95% interval'}")
+            fmt = lambda mh: f"{mh[0]:+.3f}" + (f" +- {mh[1]:.3f}" if mh[1] == mh[1] else "")  # noqa: E731
+            lines.append(f"| {arm} | {fmt(da)} | {fmt(dr)} | {'yes' if noise else 'no'} |")
+    return "\n".join(lines), verdicts
+
+
+def plot(results: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from m2mega.eval.held_out import mean_ci
+
+    arms = list(results)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, key in zip(axes, ("correct", "reward")):
+        stats = [mean_ci([r["all"][key] for r in results[a]]) for a in arms]
+        ax.bar(range(len(arms)), [m for m, _ in stats], yerr=[0 if h != h else h for _, h in stats], capsize=4)
+        ax.set_xticks(range(len(arms)), arms, rotation=35, ha="right", fontsize=8)
+        ax.set_ylabel(f"held-out {'accuracy' if key == 'correct' else 'mean reward'} (all tasks)")
+    fig.suptitle("GRPO ablations (mean and 95% interval over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "ablation_output"))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=1234, help="first seed (then seed+1, ...)")
+    ap.add_argument("--arms", default="all", help=f"comma-separated subset of {', '.join(ARMS)}")
+    ap.add_argument("--quick", action="store_true", help="the demo's --quick sizes (a smoke test, not a result)")
+    a = ap.parse_args(argv)
+    arms = list(ARMS) if a.arms == "all" else [x.strip() for x in a.arms.split(",") if x.strip()]
+    bad = [x for x in arms if x not in ARMS]
+    if bad:
+        ap.error(f"--arms: unknown arm(s) {bad}; known: {', '.join(ARMS)}")
+    if a.seeds < 1:
+        ap.error(f"--seeds must be >= 1, got {a.seeds}")
+    demo = _demo()
+    S = demo.QUICK if a.quick else demo.FULL
+    out = Path(a.out).resolve()
+    t0 = time.perf_counter()
+    results: dict[str, list[dict]] = {arm: [] for arm in arms}
+    for i in range(a.seeds):
+        seed = a.seed + i
+        sdir = out / f"seed_{seed}"
+        _, _, base = demo.prepare(sdir, seed, S)
+        for arm in arms:
+            demo._say(f"seed {seed}: arm {arm}")
+            _, curve = demo.grpo_stage(sdir, S, arm_config(base, arm, sdir), tag=f"grpo_{arm}")
+            results[arm].append({**curve[-1]["table"], "_seed": seed})
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    wall = time.perf_counter() - t0
+    table, verdicts = summarize(results)
+    cmd = "python tools/ablate.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = (f"command: `{cmd}`; {a.seeds} seed(s), wall time {wall:.0f}s\n\n"
+            f"held-out (greedy, last point of each arm's curve), mean +- 95% interval over seeds:\n\n{table}\n")
+    (out / "ablations.md").write_text(text)
+    plot(results, out / "ablations.png")
+    print(text + "\n" + "\n".join(verdicts), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
