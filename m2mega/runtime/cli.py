@@ -40,6 +40,12 @@ def report(message: str, code: int = EXIT_USAGE) -> int:
     if launch_rank() == 0:
         line = " ".join(str(message).split("\n"))
         print(f"error: {line}", file=sys.stderr, flush=True)
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every rank meets the same error, but torchrun tears the job down as soon as one process exits:
+        # a silent rank exiting first could kill rank 0 before it prints. Give rank 0 time to say it.
+        import time
+
+        time.sleep(3.0)
     return code
 
 
