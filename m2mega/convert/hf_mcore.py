@@ -366,7 +366,7 @@ def resolve_export_source(path: str | os.PathLike) -> str:
     return resolve_checkpoint(path)
 
 
-def _export_dtype(mcore_dir: str, cfg_json: dict, requested: str | torch.dtype | None) -> torch.dtype | None:
+def _export_dtype(cfg_json: dict, requested: str | torch.dtype | None) -> torch.dtype | None:
     """``--dtype``, else the HF config's ``torch_dtype``/``dtype``; None: keep the checkpoint's (bit-exact)."""
     if requested is not None:
         return _dtype(requested)
@@ -396,7 +396,7 @@ def convert_mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike
     _check_out_dir(out_dir)
     cfg = Qwen25VLConfig.from_hf(mcore_dir)
     with open(os.path.join(mcore_dir, "config.json"), encoding="utf-8") as f:
-        out_dtype = _export_dtype(mcore_dir, json.load(f), dtype)
+        out_dtype = _export_dtype(json.load(f), dtype)
     saved = _saved_global_shapes(mcore_dir)
     from . import safe_dcp
 

@@ -57,7 +57,7 @@ from m2mega.rl import DynamicSampler, KLSchedule, group_advantages, group_weight
 
 from .config import TrainConfig, load_config, to_yaml  # noqa: E402
 from .grpo_update import make_forward_step, split_into_microbatches  # noqa: E402
-from .loop import Trainer  # noqa: E402
+from .loop import Trainer, describe_checkpoint  # noqa: E402
 from .rollout import (  # noqa: E402
     Rollouts, generate_rollouts, score_rollouts, select_groups, task_metrics, write_rollouts,
 )
@@ -367,7 +367,7 @@ def run_grpo(cfg: TrainConfig, *, eval_prefix: Optional[str] = None,
     trainer.resume()
     if dist.get_rank() == 0:
         if cfg.model.init_from:
-            trainer._say(f"policy (and KL reference) initialised from {_describe_checkpoint(cfg.model.init_from)}")
+            trainer._say(f"policy (and KL reference) initialised from {describe_checkpoint(cfg.model.init_from)}")
         trainer._say("# grpo step N: rollout means over this step's prompts; loss = policy-gradient + beta x KL "
                      "per response token; kept = prompt groups whose rollouts' rewards differ (they carry the "
                      "gradient) / groups rolled out; no-signal = steps so far without any kept group")
@@ -442,20 +442,6 @@ def _validate(runner: GRPORunner, prompts: list, iteration: int) -> dict:
                 if k != "n":
                     w.add_scalar(f"heldout/{task}/{k}", v, iteration)
     return {"iteration": iteration, "table": table}
-
-
-def _describe_checkpoint(path: str) -> str:
-    """``path`` with the iteration it resolves to (a save root's newest complete checkpoint)."""
-    import os
-
-    from .checkpoint import find_latest
-
-    if os.path.isfile(os.path.join(path, ".metadata")):
-        name = os.path.basename(os.path.normpath(path))
-        it = name[len("iter_"):] if name.startswith("iter_") else ""
-        return f"{path} (iteration {int(it)})" if it.isdigit() else path
-    found = find_latest(path)
-    return f"{found[1]} (iteration {found[0]})" if found else path
 
 
 def main(argv: Optional[list[str]] = None) -> int:
