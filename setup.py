@@ -72,6 +72,7 @@ setup(
         "safetensors",
         "tokenizers",
         "pillow",
+        "av>=16,<19",  # PyAV: video decoding/encoding (m2mega.data.video); its wheels bundle FFmpeg
         "sympy",
         "math-verify>=0.9,<0.10",  # the math answer grader engine (m2mega.rewards.grader; pins latex2sympy2_extended)
         "pyyaml",

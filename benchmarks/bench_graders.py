@@ -1,7 +1,8 @@
 """Benchmark: verdict agreement and latency of answer graders on ``tests/data/grader_corpus.jsonl``.
 
-    python benchmarks/bench_graders.py                    # ~1-2 min on 2 cores
+    python benchmarks/bench_graders.py                    # ~3 min on 2 cores (3 timed passes)
     python benchmarks/bench_graders.py --json benchmarks/results/bench_graders_cpu.json --show-wrong
+    python benchmarks/bench_graders.py --graders m2mega-now --passes 1   # ~15 s: this checkout only
 
 The corpus holds (model response, ground truth, answer_type, expected verdict) rows: math-verify's own
 test cases (its ``tests/``, verdicts re-checked by hand, a few corrected; see the ``note`` fields) and
@@ -10,23 +11,29 @@ named left-hand sides, several boxes, lists, sets, matrices, units, equations, h
 
 Graders, each given the whole response and the ground truth:
 
-* **m2mega-now**: ``m2mega.rewards.compute_reward(...).correct`` (this checkout);
-* **m2mega-before**: the same function from ``git show <--before-rev>:m2mega/rewards/*`` (default HEAD),
-  loaded as a separate package, so the old verdicts are measured rather than remembered;
+* **m2mega-now**: ``m2mega.rewards.compute_reward(...).correct`` (this checkout), after
+  ``sandbox.warm_up()`` as the GRPO trainer and ``m2mega.eval.bench`` call it;
+* **m2mega-before**: the same function at git revision ``--before-rev`` (default HEAD), extracted with
+  ``git archive`` and run in a child process whose ``PYTHONPATH`` puts it first, so that its grader
+  worker is that revision's too: old verdicts and latencies are measured rather than remembered;
 * **math-verify**: HF ``math_verify.parse`` + ``verify`` on the ``<answer>`` block (the whole response when
   there is none) and the ground truth, each wrapped in ``$...$`` when it has no math delimiter, default
   extraction (LaTeX + expression), as TRL/open-r1 call it; its own 1 s signal timeouts (main thread).
 
-Printed: agreement with the expected verdicts per category and overall, false positives of the kinds
-issue 13 lists (``*first-number``, ``choice``), and per-call latency p50/p99/max (hostile rows apart).
+Each grader grades the corpus ``--passes`` times (m2mega with fresh worker processes each pass, so no
+verdict is served from a cache). Printed: agreement with the expected verdicts per category and overall
+(first pass), false positives of the kinds the reward rules exclude (``*first-number``, ``choice``), and
+per-call latency p50/p95/p99/max over the rows that are not hostile, each the median over the passes
+(with the range), plus the slowest hostile row.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,39 +64,64 @@ def _group(cat: str) -> str:
     return "math-verify suite" if cat.startswith("mv:") else cat
 
 
-def _head_rewards(rev: str) -> Callable[[dict], bool]:
-    """``compute_reward`` of m2mega/rewards at git revision ``rev``, imported as its own package."""
-    tmp = Path(tempfile.mkdtemp(prefix="m2mega_rewards_"))
-    pkg = tmp / "m2mega_rewards_before"
-    pkg.mkdir()
-    names = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:m2mega/rewards"], cwd=ROOT, check=True,
-                           capture_output=True, text=True).stdout.split()  # fmt: skip
-    for name in names:
-        if name.endswith(".py"):
-            src = subprocess.run(["git", "show", f"{rev}:m2mega/rewards/{name}"], cwd=ROOT, check=True,
-                                 capture_output=True, text=True).stdout  # fmt: skip
-            (pkg / name).write_text(src)
-    spec = importlib.util.spec_from_file_location(pkg.name, pkg / "__init__.py", submodule_search_locations=[str(pkg)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[pkg.name] = mod
-    spec.loader.exec_module(mod)
-    cfg = mod.RewardConfig()
-
-    def grade(r: dict) -> bool:
-        try:
-            return bool(mod.compute_reward(r["response"], r["answer"], "general", r["answer_type"], cfg).correct)
-        except ValueError:  # the old reader refuses some ground truths (e.g. "1 000" as a number)
-            return False
-
-    return grade
-
-
-def _now_rewards() -> Callable[[dict], bool]:
-    from m2mega.rewards import RewardConfig, compute_reward
+# Runs in the child process of "m2mega-before": whatever m2mega its PYTHONPATH finds first.
+_CHILD = """
+import json, sys, time
+from m2mega.rewards import RewardConfig, compute_reward
+try:
     from m2mega.rewards.sandbox import warm_up
+except ImportError:  # revisions before the grader worker
+    warm_up = lambda: None
+rows = json.load(open(sys.argv[1], encoding="utf-8"))
+cfg = RewardConfig()
+warm_up()
+def grade(r):
+    try:
+        return bool(compute_reward(r["response"], r["answer"], "general", r["answer_type"], cfg).correct)
+    except ValueError:  # an older reader refuses some ground truths (e.g. "1 000" as a number)
+        return False
+grade(rows[0])
+verdicts, times = [], []
+for r in rows:
+    t0 = time.perf_counter()
+    verdicts.append(grade(r))
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"verdicts": verdicts, "times": times}))
+"""
+
+
+def _before_rewards(rev: str, rows: list[dict]) -> Callable[[], tuple[list[bool], list[float]]]:
+    """One timed pass of ``compute_reward`` at git revision ``rev``, in a fresh child process."""
+    tmp = Path(tempfile.mkdtemp(prefix="m2mega_before_"))
+    archive = subprocess.run(["git", "archive", rev, "m2mega"], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+    (tmp / "rows.json").write_text(json.dumps(rows), encoding="utf-8")
+    env = dict(os.environ, PYTHONPATH=str(tmp) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def one_pass() -> tuple[list[bool], list[float]]:
+        out = subprocess.run([sys.executable, "-c", _CHILD, str(tmp / "rows.json")], cwd=tmp, env=env,
+                             check=True, capture_output=True, text=True).stdout  # fmt: skip
+        d = json.loads(out.strip().splitlines()[-1])
+        return d["verdicts"], d["times"]
+
+    return one_pass
+
+
+def _timed(grade: Callable[[dict], bool], rows: list[dict]) -> tuple[list[bool], list[float]]:
+    grade(rows[0])  # warm-up (imports, worker start-up)
+    verdicts, times = [], []
+    for r in rows:
+        t0 = time.perf_counter()
+        verdicts.append(grade(r))
+        times.append(time.perf_counter() - t0)
+    return verdicts, times
+
+
+def _now_rewards(rows: list[dict]) -> Callable[[], tuple[list[bool], list[float]]]:
+    from m2mega.rewards import RewardConfig, compute_reward
+    from m2mega.rewards import sandbox
 
     cfg = RewardConfig()
-    warm_up()  # the grader worker's start-up (~1 s) is paid once per process, not per call
 
     def grade(r: dict) -> bool:
         try:
@@ -97,42 +129,48 @@ def _now_rewards() -> Callable[[dict], bool]:
         except ValueError:
             return False
 
-    return grade
+    def one_pass() -> tuple[list[bool], list[float]]:
+        sandbox.shutdown()  # fresh workers: nothing cached from the previous pass
+        sandbox.warm_up()  # start-up (~1 s) and deep warm-up (~3 s) paid once per process, not per call
+        return _timed(grade, rows)
+
+    return one_pass
 
 
-def _math_verify() -> Callable[[dict], bool]:
-    from math_verify import parse, verify
+def _math_verify(rows: list[dict]) -> Callable[[], tuple[list[bool], list[float]]]:
+    def one_pass() -> tuple[list[bool], list[float]]:
+        # Imported here, not at start-up: sympy's heap in this process would add its garbage-collector
+        # pauses to the calls of the graders timed before this one.
+        from math_verify import parse, verify
 
-    logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+        from m2mega.rewards.extract import extract_tag_block
 
-    from m2mega.rewards.extract import extract_tag_block
+        logging.getLogger("math_verify").setLevel(logging.CRITICAL)
 
-    def delimit(s: str) -> str:  # math-verify looks for LaTeX inside delimiters: give bare answers some
-        return s if any(d in s for d in ("$", "\\(", "\\[", "\\boxed")) else f"${s}$"
+        def delimit(s: str) -> str:  # math-verify looks for LaTeX inside delimiters: give bare answers some
+            return s if any(d in s for d in ("$", "\\(", "\\[", "\\boxed")) else f"${s}$"
 
-    def grade(r: dict) -> bool:
-        try:
-            gold = parse(delimit(r["answer"]), parsing_timeout=1)
-            # The answer block when there is one: math-verify is not made to look past <answer> tags.
-            text = extract_tag_block(r["response"], "answer")
-            pred = parse(r["response"] if text is None else delimit(text), parsing_timeout=1)
-            return bool(verify(gold, pred, timeout_seconds=1))
-        except Exception:  # noqa: BLE001 - a grader error is a wrong verdict here
-            return False
+        def grade(r: dict) -> bool:
+            try:
+                gold = parse(delimit(r["answer"]), parsing_timeout=1)
+                # The answer block when there is one: math-verify is not made to look past <answer> tags.
+                text = extract_tag_block(r["response"], "answer")
+                pred = parse(r["response"] if text is None else delimit(text), parsing_timeout=1)
+                return bool(verify(gold, pred, timeout_seconds=1))
+            except Exception:  # noqa: BLE001 - a grader error is a wrong verdict here
+                return False
 
-    return grade
+        return _timed(grade, rows)
+
+    return one_pass
 
 
-def run(graders: dict[str, Callable[[dict], bool]], rows: list[dict]) -> dict:
+def run(graders: dict[str, Callable[[], tuple[list[bool], list[float]]]], passes: int) -> dict:
     res: dict = {}
-    for name, grade in graders.items():
-        grade(rows[0])  # warm-up (imports, worker start-up)
-        verdicts, times = [], []
-        for r in rows:
-            t0 = time.perf_counter()
-            verdicts.append(grade(r))
-            times.append(time.perf_counter() - t0)
-        res[name] = {"verdicts": verdicts, "times": times}
+    for name, one_pass in graders.items():
+        runs = [one_pass() for _ in range(passes)]
+        res[name] = {"verdicts": runs[0][0], "times": [t for _, t in runs],
+                     "stable": all(v == runs[0][0] for v, _ in runs)}
     return res
 
 
@@ -153,13 +191,23 @@ def summarize(res: dict, rows: list[dict]) -> dict:
         per = {g: sum(ok[i] for i in idx) / len(idx) for g, idx in groups.items()}
         fp = [rows[i]["id"] for i, r in enumerate(rows) if r["category"].startswith(LISTED_FP)
               and not r["expected"] and d["verdicts"][i]]  # fmt: skip
-        benign = [t for t, r in zip(d["times"], rows) if not r["category"].endswith("hostile")]
-        hostile = [t for t, r in zip(d["times"], rows) if r["category"].endswith("hostile")]
+        hostile = [r["category"].endswith("hostile") for r in rows]
+        per_pass = []
+        for times in d["times"]:
+            benign = [t for t, h in zip(times, hostile) if not h]
+            per_pass.append({"p50": _pct(benign, 0.5), "p95": _pct(benign, 0.95), "p99": _pct(benign, 0.99),
+                             "max": max(benign), "hostile_max": max((t for t, h in zip(times, hostile) if h),
+                                                                    default=0.0)})  # fmt: skip
         out["graders"][name] = {
             "agreement": per,
             "listed_false_positives": fp,
-            "latency_ms": {"p50": 1e3 * _pct(benign, 0.5), "p99": 1e3 * _pct(benign, 0.99),
-                           "max": 1e3 * max(benign), "hostile_max": 1e3 * max(hostile, default=0.0)},  # fmt: skip
+            "verdicts_stable_across_passes": d["stable"],
+            "latency_ms": {k: 1e3 * statistics.median(p[k] for p in per_pass) for k in per_pass[0]},
+            "latency_ms_range": {k: [1e3 * min(p[k] for p in per_pass), 1e3 * max(p[k] for p in per_pass)]
+                                 for k in per_pass[0]},  # fmt: skip
+            "passes": len(per_pass),
+            "slowest_ms": [sorted(((round(1e3 * t, 1), r["id"]) for t, r in zip(times, rows)), reverse=True)[:8]
+                           for times in d["times"]],  # fmt: skip
             "wrong": [rows[i]["id"] for i, k in enumerate(ok) if not k],
         }
     out["groups"] = {g: len(idx) for g, idx in groups.items()}
@@ -169,16 +217,27 @@ def summarize(res: dict, rows: list[dict]) -> dict:
 def print_table(summary: dict) -> None:
     names = list(summary["graders"])
     groups = sorted(summary["groups"], key=lambda g: (g == "ALL", g.startswith("type="), g))
-    print(f"| category | n | " + " | ".join(names) + " |")
+    print("| category | n | " + " | ".join(names) + " |")
     print("| --- | ---: | " + " | ".join("---:" for _ in names) + " |")
     for g in groups:
         cells = [f"{100 * summary['graders'][n]['agreement'][g]:.1f}%" for n in names]
         print(f"| {g} | {summary['groups'][g]} | " + " | ".join(cells) + " |")
     print("| listed false positives | | " + " | ".join(str(len(summary["graders"][n]["listed_false_positives"]))
                                                   for n in names) + " |")  # fmt: skip
-    for key in ("p50", "p99", "max", "hostile_max"):
-        print(f"| latency {key} (ms) | | " + " | ".join(f"{summary['graders'][n]['latency_ms'][key]:.1f}"
-                                                       for n in names) + " |")  # fmt: skip
+    passes = summary["graders"][names[0]]["passes"]
+    for key in ("p50", "p95", "p99", "max", "hostile_max"):
+        cells = []
+        for n in names:
+            g = summary["graders"][n]
+            lo, hi = g["latency_ms_range"][key]
+            cells.append(f"{g['latency_ms'][key]:.1f}" + (f" ({lo:.1f}-{hi:.1f})" if passes > 1 else ""))
+        print(f"| latency {key} (ms{', median of %d passes (range)' % passes if passes > 1 else ''}) | | "
+              + " | ".join(cells) + " |")
+    print("| verdicts the same in every pass | | " + " | ".join(
+        str(summary["graders"][n]["verdicts_stable_across_passes"]) for n in names) + " |")
+    for n in names:
+        print(f"slowest rows of {n} (ms, first pass): "
+              + ", ".join(f"{i} {t:.0f}" for t, i in summary["graders"][n]["slowest_ms"][0]))
 
 
 def main() -> None:
@@ -187,11 +246,20 @@ def main() -> None:
     ap.add_argument("--before-rev", default="HEAD", help="git revision of the 'm2mega-before' rewards")
     ap.add_argument("--json", type=Path, help="write the summary here")
     ap.add_argument("--show-wrong", action="store_true", help="list the rows each grader gets wrong")
+    ap.add_argument("--passes", type=int, default=3, help="timed passes per grader (latency: median of passes)")
+    ap.add_argument("--graders", nargs="+", default=["m2mega-before", "m2mega-now", "math-verify"],
+                    help="which graders to run (default: all three)")
     args = ap.parse_args()
+    if args.passes < 1:
+        raise SystemExit(f"error: --passes must be >= 1, got {args.passes}")
     rows = load_corpus(args.corpus)
-    graders = {"m2mega-before": _head_rewards(args.before_rev), "m2mega-now": _now_rewards(),
-               "math-verify": _math_verify()}  # fmt: skip
-    summary = summarize(run(graders, rows), rows)
+    makers = {"m2mega-before": lambda: _before_rewards(args.before_rev, rows), "m2mega-now": lambda: _now_rewards(rows),
+              "math-verify": lambda: _math_verify(rows)}  # fmt: skip
+    unknown = sorted(set(args.graders) - set(makers))
+    if unknown:
+        raise SystemExit(f"error: unknown --graders {unknown}; choose from {sorted(makers)}")
+    graders = {name: make() for name, make in makers.items() if name in args.graders}
+    summary = summarize(run(graders, args.passes), rows)
     print_table(summary)
     if args.show_wrong:
         by_id = {r["id"]: r for r in rows}

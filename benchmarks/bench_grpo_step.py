@@ -63,9 +63,9 @@ def main(argv=None) -> dict:
     import torch
 
     from m2mega.data.preprocess import PreprocessConfig, preprocess
-    from m2mega.data.sample_files import write_sample_jsonl
+    from m2mega.testing.sample_files import write_sample_jsonl
     from m2mega.data.tokenizer import build_tiny_qwen_tokenizer
-    from m2mega.testing.multiproc import free_port
+    from m2mega.runtime.multiproc import free_port
     from m2mega.train import grpo, loop
     from m2mega.train.config import from_dict
 

@@ -134,7 +134,7 @@ def _grpo_data(torch, T, device, seed=1):
 
 def build(method, bench, mode, torch, h, w, y, grpo, compile_ok):
     """Return (callable running one step, callable returning the comparable output) or raise Unavailable."""
-    from m2mega.kernels import fused_grpo_loss, fused_linear_logprob, grpo_loss_reference, linear_logprob_reference
+    from m2mega.kernels import fused_grpo_loss, fused_linear_logprob, grpo_loss_torch, linear_logprob_torch
 
     fwd_only = mode == "fwd"
     hh = h.detach().requires_grad_(not fwd_only)
@@ -142,13 +142,13 @@ def build(method, bench, mode, torch, h, w, y, grpo, compile_ok):
     out = {}
 
     if method in ("eager", "ours", "compile"):
-        lp_fn = {"eager": linear_logprob_reference, "ours": fused_linear_logprob}.get(method)
-        loss_fn = {"eager": grpo_loss_reference, "ours": fused_grpo_loss}.get(method)
+        lp_fn = {"eager": linear_logprob_torch, "ours": fused_linear_logprob}.get(method)
+        loss_fn = {"eager": grpo_loss_torch, "ours": fused_grpo_loss}.get(method)
         if method == "compile":
             if not compile_ok:
                 raise Unavailable("skipped (--no-compile)")
-            lp_fn = torch.compile(linear_logprob_reference, dynamic=False)
-            loss_fn = grpo_loss_reference  # elementwise on [T]: the compiled log-prob part dominates
+            lp_fn = torch.compile(linear_logprob_torch, dynamic=False)
+            loss_fn = grpo_loss_torch  # elementwise on [T]: the compiled log-prob part dominates
 
         def step():
             hh.grad, ww.grad = None, None

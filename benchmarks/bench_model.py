@@ -111,7 +111,7 @@ def _peak(args, device) -> float | None:
 
 
 def _workload(cfg, args):
-    from m2mega.models.qwen25vl.reference import synthetic_batch
+    from m2mega.models.qwen25vl.hf_parity import synthetic_batch
 
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.images.split(",") if s]
     images = [list(sizes) for _ in range(args.samples)]
@@ -157,10 +157,10 @@ def main(argv=None):
     import m2mega.runtime as rt
     from m2mega.models.qwen25vl import build_model, packed_seq_params_from_lengths, preset
     from m2mega.models.qwen25vl import attention as attn_mod
-    from m2mega.models.qwen25vl.reference import build_hf_reference, randomize_
+    from m2mega.models.qwen25vl.hf_parity import build_hf_model, randomize_
     from m2mega.models.qwen25vl.sharding import hf_to_mcore, load_full_into_model
     from m2mega.models.qwen25vl.vision import vision_metadata
-    from m2mega.testing.multiproc import free_port
+    from m2mega.runtime.multiproc import free_port
 
     cfg = preset("tiny" if args.tiny else args.preset)
     lm_layers = args.lm_layers or (cfg.text.num_layers if args.tiny else min(12, cfg.text.num_layers))
@@ -178,9 +178,9 @@ def main(argv=None):
 
     rt.init(1, 1, rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{free_port()}")
     torch.manual_seed(0)
-    # Same random weights for both sides: HF reference built on the device, converted to m2mega.
+    # Same random weights for both sides: HF parity model built on the device, converted to m2mega.
     with torch.device(device):
-        hf = build_hf_reference(cfg, seed=0, dtype=dtype) if not args.no_peer else None
+        hf = build_hf_model(cfg, seed=0, dtype=dtype) if not args.no_peer else None
     if hf is not None:
         full = hf_to_mcore(hf.state_dict(), cfg)
     # On GPU: initialise on the device and fuse bias+SwiGLU (megatron's jit kernel; no TE needed).

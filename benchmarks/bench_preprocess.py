@@ -6,7 +6,7 @@ plain HF path in the same run, plus the image storage choice (pixels vs patches)
         --json benchmarks/results/bench_preprocess_cpu_image_heavy.json   # image-heavy rows
     python benchmarks/bench_preprocess.py --rows 32 --quick    # seconds (smoke run)
 
-Workload: synthetic SFT rows (``m2mega.data.sample_files``): 0-2 JPEG images per row with sides uniform in
+Workload: synthetic SFT rows (``m2mega.testing.sample_files``): 0-2 JPEG images per row with sides uniform in
 ``--image-sides`` (default 224-640 px, i.e. 64-520 vision tokens each), ``--text-words`` of question text
 and a think/answer trajectory. Tokenizer: the tiny offline Qwen2-style BPE unless ``--tokenizer-model``
 names a real one (BPE speed depends little on vocabulary size).
@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 from m2mega.data.chat_template import DEFAULT_SYSTEM_PROMPT, with_system_prompt  # noqa: E402
 from m2mega.data.loader import PackedTHDDataset, THDLoader  # noqa: E402
 from m2mega.data.preprocess import PreprocessConfig, preprocess  # noqa: E402
-from m2mega.data.sample_files import write_sample_jsonl  # noqa: E402
+from m2mega.testing.sample_files import write_sample_jsonl  # noqa: E402
 from m2mega.data.tokenizer import build_tiny_qwen_tokenizer  # noqa: E402
 from m2mega.models.qwen25vl.rope_index import get_rope_index_packed  # noqa: E402
 

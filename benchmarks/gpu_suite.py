@@ -12,7 +12,8 @@ Parts: ``gpu_tests`` (``pytest -m gpu``: kernels vs reference on the tensor-core
 CPU), ``kernels_T4096`` / ``kernels_T16384`` (``pytest benchmarks/test_kernels_benchmark.py
 --benchmark-only``: eager, torch.compile, Liger, ours), ``vision_pack`` (CUDA vs CPU extension vs HF),
 ``model`` (bench_model.py: 7B shape cut to 12 LM layers, packed 8k THD with images: tokens/s, MFU),
-``grpo_step`` (bench_grpo_step.py: one small GRPO step split into rollout / log-prob / update).
+``grpo_step`` (bench_grpo_step.py: one small GRPO step split into rollout / log-prob / update),
+``rollout`` (``python -m m2mega.inference.bench_rollout``: rollout engine vs static batching vs HF).
 """
 
 from __future__ import annotations
@@ -77,6 +78,15 @@ def parts(out: Path, dry: bool) -> list[Part]:
     ps.append(Part("grpo_step", [*py, str(gs), "--out", str(out / "grpo_step.json")] + (["--device", "cpu"] if dry else []),
                    60 if dry else 45, "one small GRPO step: rollout / log-prob / update seconds",
                    {"json": out / "grpo_step.json"}, needs=str(gs)))
+    ro = [*py, "-m", "m2mega.inference.bench_rollout", "--json", str(out / "rollout.json")]
+    ro += (["--layers", "1", "--prompts", "2", "--image-prompts", "1", "--image-size", "56", "56", "--prompt-len",
+            "8", "12", "--group", "2", "--new-tokens", "4", "--repeats", "1", "--modes", "greedy"] if dry else
+           ["--shape", "7b", "--layers", "4", "--device", "cuda", "--dtype", "bf16", "--prompts", "16",
+            "--image-prompts", "8", "--image-size", "448", "448", "--prompt-len", "200", "400", "--group", "8",
+            "--new-tokens", "256", "--eos-every", "2000", "--repeats", "2"])
+    ps.append(Part("rollout", ro, 60 if dry else 150, "GRPO rollouts, 7B shape cut to 4 LM layers, G=8: static "
+                   "generate() vs the rollout engine vs HF generate (tokens/s, prefill/decode, memory)",
+                   {"json": out / "rollout.json"}))
     return ps
 
 

@@ -1,8 +1,8 @@
-"""Process-wide switches for the fused kernels (reference fallback, input checks, backward slab size).
+"""Process-wide switches for the fused kernels (torch fallback, input checks, backward slab size).
 
-The trainer builds a :class:`KernelConfig` from its YAML (``kernels: {use_reference: true}``) and calls
+The trainer builds a :class:`KernelConfig` from its YAML (``kernels: {use_torch: true}``) and calls
 :func:`set_kernel_config`; every call of ``fused_linear_logprob`` / ``fused_grpo_loss`` then reads it. The
-environment variable ``M2MEGA_KERNELS_REFERENCE=1`` forces the torch references too, so a suspected kernel
+environment variable ``M2MEGA_KERNELS_TORCH=1`` forces the torch counterparts too, so a suspected kernel
 bug can be ruled out on an existing launch command without editing its config.
 """
 
@@ -19,7 +19,7 @@ __all__ = ["KernelConfig", "get_kernel_config", "set_kernel_config", "kernel_con
 
 def triton_runs_on(t) -> bool:
     """Whether the Triton kernels can run on ``t``'s device: a GPU, or CPU under ``TRITON_INTERPRET=1``
-    (CI). Otherwise (a plain CPU run such as the demo) the callers use the torch reference, which on CPU
+    (CI). Otherwise (a plain CPU run such as the demo) the callers use the torch counterpart, which on CPU
     is also far faster than the numpy interpreter."""
     return t.device.type != "cpu" or os.environ.get("TRITON_INTERPRET", "") == "1"
 
@@ -28,7 +28,7 @@ def triton_runs_on(t) -> bool:
 class KernelConfig:
     """Switches read by every fused-kernel call.
 
-    use_reference: run the plain-torch references instead of the Triton kernels (debugging; they
+    use_torch: run the plain-torch counterparts instead of the Triton kernels (debugging; they
         materialise T x V logits, so expect the eager memory cost).
     check_inputs: validate target ids against the (global) vocabulary and raise naming the first bad
         index. Costs one device->host sync per call; turn off in production once the data path is trusted.
@@ -38,7 +38,7 @@ class KernelConfig:
     bwd_vocab_chunk: force the vocab chunk of the backward (rows of W per slab) instead of the budget.
     """
 
-    use_reference: bool = False
+    use_torch: bool = False
     check_inputs: bool = True
     bwd_slab_bytes: int = 256 * 2**20
     bwd_vocab_chunk: int | None = None
@@ -64,9 +64,9 @@ _CONFIG = KernelConfig()
 
 
 def get_kernel_config() -> KernelConfig:
-    """The active config, with ``M2MEGA_KERNELS_REFERENCE=1`` in the environment overriding use_reference."""
-    if os.environ.get("M2MEGA_KERNELS_REFERENCE", "") == "1" and not _CONFIG.use_reference:
-        return dataclasses.replace(_CONFIG, use_reference=True)
+    """The active config, with ``M2MEGA_KERNELS_TORCH=1`` in the environment overriding use_torch."""
+    if os.environ.get("M2MEGA_KERNELS_TORCH", "") == "1" and not _CONFIG.use_torch:
+        return dataclasses.replace(_CONFIG, use_torch=True)
     return _CONFIG
 
 
@@ -80,7 +80,7 @@ def set_kernel_config(cfg: KernelConfig | Mapping[str, Any]) -> KernelConfig:
 
 @contextlib.contextmanager
 def kernel_config(**overrides: Any) -> Iterator[KernelConfig]:
-    """Temporarily override fields: ``with kernel_config(use_reference=True): ...``."""
+    """Temporarily override fields: ``with kernel_config(use_torch=True): ...``."""
     prev = set_kernel_config(dataclasses.replace(_CONFIG, **overrides))
     try:
         yield _CONFIG

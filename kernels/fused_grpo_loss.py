@@ -13,7 +13,7 @@ the mean over sequences that have a valid token of each sequence's masked token-
 ``normalizer`` replaces the denominator (token count, resp. sequence count), e.g. a global count across
 micro-batches and data-parallel ranks. A batch without valid tokens gives loss 0 (and zero gradients).
 
-Only ``logp`` receives a gradient: old/ref log-probs, advantages and weights are data (the reference
+Only ``logp`` receives a gradient: old/ref log-probs, advantages and weights are data (the torch counterpart
 detaches them too). Metrics are token-level masked means over all valid tokens, except ``pg_loss`` and
 ``kl_loss``, which use the loss's own aggregation so that ``loss = pg_loss + beta * kl_loss``.
 """
@@ -27,7 +27,7 @@ import torch
 from . import _grpo_loss_triton as gk
 from .config import get_kernel_config, triton_runs_on
 
-__all__ = ["fused_grpo_loss", "grpo_loss_reference", "GRPOLossFunction", "dynamic_advantage_weights"]
+__all__ = ["fused_grpo_loss", "grpo_loss_torch", "GRPOLossFunction", "dynamic_advantage_weights"]
 
 Aggregation = Literal["token", "sequence"]
 
@@ -151,10 +151,10 @@ def _finish(stats, aggregation, beta, normalizer, has_ref):
     return loss, scale, metrics
 
 
-# ------------------------------------------------------------------------------------------------ reference
+# ------------------------------------------------------------------------------------------------ torch counterpart
 
 
-def grpo_loss_reference(
+def grpo_loss_torch(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     ref_logp: torch.Tensor | None,
@@ -170,7 +170,7 @@ def grpo_loss_reference(
     cu_seqlens: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
 ):
-    """Plain-torch reference with autograd through torch ops (gradient reaches ``logp`` only)."""
+    """Plain-torch counterpart with autograd through torch ops (gradient reaches ``logp`` only)."""
     beta = float(beta)
     starts, lens, B, adv_token, _ = _prepare(logp, old_logp, ref_logp, advantages, loss_mask, weights,
                                              cu_seqlens, clip_low, clip_high, dual_clip, beta, aggregation, False)
@@ -265,7 +265,7 @@ def fused_grpo_loss(
     aggregation: Aggregation = "token",
     cu_seqlens: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
-    use_reference: bool = False,
+    use_torch: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO/DAPO clipped-surrogate loss (+ beta · k3 KL) and its metrics in one pass each way.
 
@@ -278,8 +278,8 @@ def fused_grpo_loss(
     """
     cfg = get_kernel_config()
     beta = float(beta)
-    if use_reference or cfg.use_reference or not triton_runs_on(logp):
-        return grpo_loss_reference(logp, old_logp, ref_logp, advantages, loss_mask, clip_low=clip_low,
+    if use_torch or cfg.use_torch or not triton_runs_on(logp):
+        return grpo_loss_torch(logp, old_logp, ref_logp, advantages, loss_mask, clip_low=clip_low,
                                    clip_high=clip_high, dual_clip=dual_clip, beta=beta, weights=weights,
                                    aggregation=aggregation, cu_seqlens=cu_seqlens, normalizer=normalizer)
     starts, lens, B, adv_token, mask = _prepare(logp, old_logp, ref_logp, advantages, loss_mask, weights,

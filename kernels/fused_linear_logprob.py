@@ -28,7 +28,7 @@ import torch.distributed as dist
 from . import _linear_logprob_triton as tk
 from .config import get_kernel_config, triton_runs_on
 
-__all__ = ["fused_linear_logprob", "linear_logprob_reference", "LinearLogprobFunction"]
+__all__ = ["fused_linear_logprob", "linear_logprob_torch", "LinearLogprobFunction"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -66,10 +66,10 @@ def _check(hidden, weight, targets, temperature, tp_size, ignore_index, check_va
                              f"(V_local={weight.shape[0]} x tp={tp_size}) and is not ignore_index={ignore_index}")
 
 
-# ------------------------------------------------------------------------------------------------ reference
+# ------------------------------------------------------------------------------------------------ torch counterpart
 
 
-def linear_logprob_reference(
+def linear_logprob_torch(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
@@ -80,7 +80,7 @@ def linear_logprob_reference(
     reduce_grad_hidden: bool = True,
     vocab_start: int | None = None,
 ):
-    """Plain-torch reference (autograd through torch ops). Materialises the [T, V_local] logits in the input
+    """Plain-torch counterpart (autograd through torch ops). Materialises the [T, V_local] logits in the input
     dtype, as eager training code does, then works in fp32 (in fp64 for fp64 inputs: gradient checks).
     TP=1 is the usual ``log_softmax(...).gather`` (the benchmark's "eager" baseline); TP>1 is megatron's
     vocab-parallel cross entropy written with megatron-core's own region mappings, so it has the same
@@ -215,7 +215,7 @@ def fused_linear_logprob(
     temperature: float = 1.0,
     tp_group: dist.ProcessGroup | None = None,
     return_entropy: bool = False,
-    use_reference: bool = False,
+    use_torch: bool = False,
     *,
     ignore_index: int = -100,
     reduce_grad_hidden: bool = True,
@@ -227,7 +227,7 @@ def fused_linear_logprob(
     hidden [T, H] and weight [V_local, H] share a dtype (fp32, bf16 or fp16); targets [T] are *global*
     vocab ids (int64/int32). Rows whose target equals ``ignore_index`` get logprob 0 and no gradient through
     it (their entropy is still computed). ``tp_group``: the tensor-parallel group the vocab is split over
-    (None: no split). ``use_reference`` (or ``KernelConfig.use_reference``) runs the torch reference.
+    (None: no split). ``use_torch`` (or ``KernelConfig.use_torch``) runs the torch counterpart.
 
     ``vocab_size``: the real global vocabulary when megatron padded the output layer (to a multiple of
     128 x TP): padded rows are excluded from the softmax (as if their logits were -inf) and get zero
@@ -249,8 +249,8 @@ def fused_linear_logprob(
             raise ValueError(f"TP rank {rank} holds only padded vocabulary rows (vocab_size={vocab_size}, "
                              f"V_local={v_local}); use less vocabulary padding or a smaller TP")
         weight = weight[:n_valid]  # a view: autograd gives the padded rows zero gradient
-    if use_reference or cfg.use_reference or not triton_runs_on(hidden):
-        return linear_logprob_reference(hidden, weight, targets, temperature, tp_group, return_entropy,
+    if use_torch or cfg.use_torch or not triton_runs_on(hidden):
+        return linear_logprob_torch(hidden, weight, targets, temperature, tp_group, return_entropy,
                                         ignore_index, reduce_grad_hidden, vocab_start)
     if hidden.shape[0] == 0:
         z = hidden.sum(dim=1, dtype=torch.float32) + weight.sum() * 0  # keeps autograd wiring for T=0

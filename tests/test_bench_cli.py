@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from m2mega.testing.multiproc import free_port
+from m2mega.runtime.multiproc import free_port
 
 from test_bench_scoring import materialize
 

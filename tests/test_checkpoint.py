@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from m2mega.testing.multiproc import free_port, run_ranks
+from m2mega.runtime.multiproc import free_port, run_ranks
 from m2mega.train.config import from_dict
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -74,8 +74,10 @@ def params_of(trainer) -> dict[str, torch.Tensor]:
 
 def test_resume_equals_uninterrupted_tp1(runtime, tmp_path):
     from m2mega.train.checkpoint import find_latest
-    from m2mega.train.loop import Trainer, train
-    from m2mega.train.sft import gpt_model_provider, sft_data_provider, sft_forward_step
+    from m2mega.train.loop import Trainer
+    from m2mega.train.sft import train
+    from m2mega.testing.tiny_gpt import gpt_model_provider
+    from m2mega.train.sft import sft_data_provider, sft_forward_step
 
     n, k = 6, 3
     straight_cfg = tiny_cfg(tmp_path, checkpoint={"save_dir": None})
@@ -108,8 +110,10 @@ def test_resume_equals_uninterrupted_tp1(runtime, tmp_path):
 
 
 def test_resume_refuses_a_changed_schedule_and_restores_optimizer(runtime, tmp_path):
-    from m2mega.train.loop import Trainer, train
-    from m2mega.train.sft import gpt_model_provider, sft_data_provider, sft_forward_step
+    from m2mega.train.loop import Trainer
+    from m2mega.train.sft import train
+    from m2mega.testing.tiny_gpt import gpt_model_provider
+    from m2mega.train.sft import sft_data_provider, sft_forward_step
 
     cfg = tiny_cfg(tmp_path, schedule={"train_iters": 2, "lr_warmup_iters": 1}, checkpoint={"save_at_end": True})
     train(cfg, gpt_model_provider, sft_forward_step, sft_data_provider)
@@ -132,8 +136,10 @@ def test_resume_with_override_scheduler_adopts_the_new_lr(runtime, tmp_path):
     """A changed peak LR on resume is refused naming the flag, and with checkpoint.override_scheduler the
     resumed steps run at the new schedule's LR (megatron keeps a max_lr in every optimizer param group,
     restored from the checkpoint: adopting only the scheduler's value would keep the old peak)."""
-    from m2mega.train.loop import Trainer, train
-    from m2mega.train.sft import gpt_model_provider, sft_data_provider, sft_forward_step
+    from m2mega.train.loop import Trainer
+    from m2mega.train.sft import train
+    from m2mega.testing.tiny_gpt import gpt_model_provider
+    from m2mega.train.sft import sft_data_provider, sft_forward_step
 
     const = {"train_iters": 4, "lr_warmup_iters": 0, "lr_decay_style": "constant"}
     cfg = tiny_cfg(tmp_path, schedule=const, optimizer={"lr": 1e-3, "min_lr": 1e-3},
@@ -188,8 +194,9 @@ def test_latest_selection_ignores_partial_saves(tmp_path):
 
 def test_save_is_atomic_and_keeps_last_k(runtime, tmp_path):
     from m2mega.train.checkpoint import LATEST, list_checkpoints
-    from m2mega.train.loop import train
-    from m2mega.train.sft import gpt_model_provider, sft_data_provider, sft_forward_step
+    from m2mega.train.sft import train
+    from m2mega.testing.tiny_gpt import gpt_model_provider
+    from m2mega.train.sft import sft_data_provider, sft_forward_step
 
     root = tmp_path / "ckpt"
     root.mkdir()
@@ -213,8 +220,10 @@ def _reshard_body(root: str):
     from megatron.core import tensor_parallel
 
     import m2mega.runtime as rt
-    from m2mega.train.loop import Trainer, train
-    from m2mega.train.sft import gpt_model_provider, sft_data_provider, sft_forward_step
+    from m2mega.train.loop import Trainer
+    from m2mega.train.sft import train
+    from m2mega.testing.tiny_gpt import gpt_model_provider
+    from m2mega.train.sft import sft_data_provider, sft_forward_step
 
     out = {}
 

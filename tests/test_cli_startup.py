@@ -86,7 +86,7 @@ def _tiny_sft_yaml(tmp_path) -> str:
 @pytest.mark.multirank
 def test_missing_optional_libraries_are_announced_once(tmp_path):
     from m2mega.runtime.optional_libs import OPTIONAL_LIBRARIES, missing_optional_libraries
-    from m2mega.testing.multiproc import free_port
+    from m2mega.runtime.multiproc import free_port
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -30,9 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _save_hf(cfg, path, seed=11):
-    from m2mega.models.qwen25vl.reference import build_hf_reference
+    from m2mega.models.qwen25vl.hf_parity import build_hf_model
 
-    hf = build_hf_reference(cfg, seed=seed)
+    hf = build_hf_model(cfg, seed=seed)
     hf.save_pretrained(path, safe_serialization=True, max_shard_size=SHARD)
     return hf
 
@@ -104,8 +104,8 @@ def test_tp2pp2_checkpoint_loads_at_tp1_with_hf_logits(converted):
     import m2mega.runtime as rt
     from m2mega.convert import load_mcore_checkpoint
     from m2mega.models.qwen25vl import build_model
-    from m2mega.models.qwen25vl.reference import hf_forward, synthetic_batch
-    from m2mega.testing.multiproc import free_port
+    from m2mega.models.qwen25vl.hf_parity import hf_forward, synthetic_batch
+    from m2mega.runtime.multiproc import free_port
 
     cfg, hf, _, mc_dir, _ = converted
     batch = synthetic_batch(cfg, [[(84, 140)], [], [(56, 56)]], seed=4)
@@ -195,13 +195,13 @@ def test_hf_shape_mismatch_missing_and_unexpected_tensors_are_named(tmp_path):
 
 def test_expected_hf_shapes_match_transformers():
     from m2mega.convert import expected_hf_shapes
-    from m2mega.models.qwen25vl.reference import build_hf_reference
+    from m2mega.models.qwen25vl.hf_parity import build_hf_model
     from m2mega.models.qwen25vl.sharding import normalize_hf_names
 
     for tied in (False, True):
         cfg = preset("tiny")
         cfg = cfg.replace(text=cfg.text.__class__(**{**cfg.text.__dict__, "tie_word_embeddings": tied}))
-        hf = normalize_hf_names(build_hf_reference(cfg).state_dict())
+        hf = normalize_hf_names(build_hf_model(cfg).state_dict())
         want, optional = expected_hf_shapes(cfg)
         assert {k: tuple(v.shape) for k, v in hf.items()} == want
         assert optional == ({"lm_head.weight"} if tied else set())

@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 
-from m2mega.kernels import dynamic_advantage_weights, fused_grpo_loss, grpo_loss_reference, kernel_config
+from m2mega.kernels import dynamic_advantage_weights, fused_grpo_loss, grpo_loss_torch, kernel_config
 from m2mega.kernels import _grpo_loss_triton as gk
 
 
@@ -39,7 +39,7 @@ def make(B=5, L=37, seed=0, spread=0.6):
 
 def both(args, kwargs, dtype=torch.float32):
     out = {}
-    for name, fn in (("fused", fused_grpo_loss), ("ref", grpo_loss_reference)):
+    for name, fn in (("fused", fused_grpo_loss), ("ref", grpo_loss_torch)):
         lp = args[0].detach().clone().to(dtype).requires_grad_()
         loss, metrics = fn(lp, *args[1:], **kwargs)
         loss.backward()
@@ -156,7 +156,7 @@ def test_finite_differences():
         eps = 1e-6
 
         def f(y):
-            return float(grpo_loss_reference(y, old.double(), ref.double(), adv.double(), mask, **kw)[0])
+            return float(grpo_loss_torch(y, old.double(), ref.double(), adv.double(), mask, **kw)[0])
 
         fd = (f(lp.double() + eps * d) - f(lp.double() - eps * d)) / (2 * eps)
         an = float((grad.double() * d).sum())
@@ -196,10 +196,10 @@ def test_reference_switch(monkeypatch):
         raise AssertionError("fused kernel ran")
 
     monkeypatch.setattr(gk, "_grpo_fwd_kernel", type("K", (), {"__getitem__": lambda self, g: boom})())
-    expected, _ = grpo_loss_reference(lp, old, ref, adv, mask, beta=0.1)
-    with kernel_config(use_reference=True):
+    expected, _ = grpo_loss_torch(lp, old, ref, adv, mask, beta=0.1)
+    with kernel_config(use_torch=True):
         assert torch.equal(fused_grpo_loss(lp, old, ref, adv, mask, beta=0.1)[0], expected)
-    assert torch.equal(fused_grpo_loss(lp, old, ref, adv, mask, beta=0.1, use_reference=True)[0], expected)
+    assert torch.equal(fused_grpo_loss(lp, old, ref, adv, mask, beta=0.1, use_torch=True)[0], expected)
     with pytest.raises(AssertionError, match="fused kernel ran"):
         fused_grpo_loss(lp, old, ref, adv, mask, beta=0.1)
 

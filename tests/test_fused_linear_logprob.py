@@ -17,13 +17,13 @@ from m2mega.kernels import (
     KernelConfig,
     fused_grpo_loss,
     fused_linear_logprob,
-    grpo_loss_reference,
+    grpo_loss_torch,
     kernel_config,
-    linear_logprob_reference,
+    linear_logprob_torch,
 )
 from m2mega.kernels import _linear_logprob_triton as tk
 from m2mega.kernels.fused_linear_logprob import _vocab_chunks
-from m2mega.testing.multiproc import run_ranks
+from m2mega.runtime.multiproc import run_ranks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def compare(a, b, tol):
 def test_fp32_matches_reference(T, H, V, temperature, entropy):
     h, w, y, g_lp, g_ent = make(T, H, V, ignore=(0,) if T > 1 else ())
     ours = run(fused_linear_logprob, h, w, y, g_lp, g_ent, temperature, entropy)
-    ref = run(linear_logprob_reference, h, w, y, g_lp, g_ent, temperature, entropy)
+    ref = run(linear_logprob_torch, h, w, y, g_lp, g_ent, temperature, entropy)
     compare(ours, ref, 1e-5)
     assert ours["lp"].dtype == torch.float32 and ours["lp"].shape == (T,)
     if T > 1:
@@ -86,8 +86,8 @@ def test_half_precision(dtype):
     than the eager half-precision reference (which rounds the logits to the input dtype; we don't)."""
     h, w, y, g_lp, g_ent = make(29, 40, 203, dtype, seed=1, ignore=(3,))
     ours = run(fused_linear_logprob, h, w, y, g_lp, g_ent, 0.9)
-    gold = run(linear_logprob_reference, h.float(), w.float(), y, g_lp, g_ent, 0.9)
-    eager = run(linear_logprob_reference, h, w, y, g_lp, g_ent, 0.9)
+    gold = run(linear_logprob_torch, h.float(), w.float(), y, g_lp, g_ent, 0.9)
+    eager = run(linear_logprob_torch, h, w, y, g_lp, g_ent, 0.9)
     assert ours["gh"].dtype == dtype and ours["gw"].dtype == dtype
     for k in ours:
         err, err_eager = rel(ours[k], gold[k]), rel(eager[k], gold[k])
@@ -107,7 +107,7 @@ def test_ignored_and_zero_grad_rows():
     h, w, y, g_lp, g_ent = make(T, H, V, seed=3)
     g_lp[4:], g_ent[4:] = 0, 0
     ours = run(fused_linear_logprob, h, w, y, g_lp, g_ent)
-    ref = run(linear_logprob_reference, h, w, y, g_lp, g_ent)
+    ref = run(linear_logprob_torch, h, w, y, g_lp, g_ent)
     compare(ours, ref, 1e-5)
     assert torch.equal(ours["gh"][4:], torch.zeros_like(h[4:]))
     ours_head = run(fused_linear_logprob, h[:4], w, y[:4], g_lp[:4], g_ent[:4])
@@ -119,22 +119,22 @@ def test_extreme_logits(dtype):
     """Logits of order 1e4 (hidden scaled up): one-hot softmax, logprobs of -1e4; nothing overflows."""
     h, w, y, g_lp, g_ent = make(13, 32, 131, dtype, seed=4, scale=1e4 / 3)
     ours = run(fused_linear_logprob, h, w, y, g_lp, g_ent)
-    gold = run(linear_logprob_reference, h.float(), w.float(), y, g_lp, g_ent)
+    gold = run(linear_logprob_torch, h.float(), w.float(), y, g_lp, g_ent)
     assert ours["lp"].abs().max() > 1e3
     compare(ours, {k: v.to(ours[k].dtype) for k, v in gold.items()}, 1e-5 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("use_reference", [False, True])
-def test_padded_vocab_rows_are_excluded(use_reference):
+@pytest.mark.parametrize("use_torch", [False, True])
+def test_padded_vocab_rows_are_excluded(use_torch):
     """vocab_size < V_local: padded rows (random here, as after megatron's init) never enter the softmax."""
     h, w, y, g_lp, _ = make(11, 24, 131, seed=5)
     vocab = 117
     y = y.clamp(max=vocab - 1)
     hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    lp = fused_linear_logprob(hh, ww, y, 0.7, vocab_size=vocab, use_reference=use_reference)
+    lp = fused_linear_logprob(hh, ww, y, 0.7, vocab_size=vocab, use_torch=use_torch)
     (lp * g_lp).sum().backward()
     h2, w2 = h.clone().requires_grad_(True), w[:vocab].clone().requires_grad_(True)
-    gold = linear_logprob_reference(h2, w2, y, 0.7)
+    gold = linear_logprob_torch(h2, w2, y, 0.7)
     (gold * g_lp).sum().backward()
     assert rel(lp, gold) < 1e-5 and rel(hh.grad, h2.grad) < 1e-5
     assert rel(ww.grad[:vocab], w2.grad) < 1e-5 and ww.grad[vocab:].abs().max() == 0
@@ -171,8 +171,8 @@ def test_finite_differences():
         an = float((ours["gh"] * dh).sum() + (ours["gw"] * dw).sum())
         e64 = 1e-5
         h64, w64, dh64, dw64 = h.double(), w.double(), dh.double(), dw.double()
-        exact = (f(linear_logprob_reference, h64 + e64 * dh64, w64 + e64 * dw64)
-                 - f(linear_logprob_reference, h64 - e64 * dh64, w64 - e64 * dw64)) / (2 * e64)
+        exact = (f(linear_logprob_torch, h64 + e64 * dh64, w64 + e64 * dw64)
+                 - f(linear_logprob_torch, h64 - e64 * dh64, w64 - e64 * dw64)) / (2 * e64)
         assert abs(exact - an) <= 1e-4 * max(1.0, abs(exact)), (exact, an)
         e32 = 3e-3
         fd = (f(fused_linear_logprob, h + e32 * dh, w + e32 * dw)
@@ -195,20 +195,20 @@ def test_input_errors():
 
 
 def test_reference_switch(monkeypatch):
-    """KernelConfig.use_reference / M2MEGA_KERNELS_REFERENCE=1 route to the reference (kernel never runs)."""
+    """KernelConfig.use_torch / M2MEGA_KERNELS_TORCH=1 route to the reference (kernel never runs)."""
     h, w, y, _, _ = make(4, 8, 19)
 
     def boom(*a, **k):
         raise AssertionError("fused kernel ran")
 
     monkeypatch.setattr(tk, "fwd_stats", boom)
-    expected = linear_logprob_reference(h, w, y)
-    with kernel_config(use_reference=True):
+    expected = linear_logprob_torch(h, w, y)
+    with kernel_config(use_torch=True):
         assert torch.equal(fused_linear_logprob(h, w, y), expected)
-    monkeypatch.setenv("M2MEGA_KERNELS_REFERENCE", "1")
+    monkeypatch.setenv("M2MEGA_KERNELS_TORCH", "1")
     assert torch.equal(fused_linear_logprob(h, w, y), expected)
-    assert torch.equal(fused_linear_logprob(h, w, y, use_reference=True), expected)
-    monkeypatch.delenv("M2MEGA_KERNELS_REFERENCE")
+    assert torch.equal(fused_linear_logprob(h, w, y, use_torch=True), expected)
+    monkeypatch.delenv("M2MEGA_KERNELS_TORCH")
     with pytest.raises(AssertionError, match="fused kernel ran"):
         fused_linear_logprob(h, w, y)
     with pytest.raises(ValueError, match="unknown kernel config key"):
@@ -260,7 +260,7 @@ def _tp_body():
     w_local = w[r * v:(r + 1) * v]
     out = {
         "fused": _tp_chain(fused_linear_logprob, fused_grpo_loss, h, w_local, y, g_lp, g_ent, grpo, group),
-        "ref": _tp_chain(linear_logprob_reference, grpo_loss_reference, h, w_local, y, g_lp, g_ent, grpo, group),
+        "ref": _tp_chain(linear_logprob_torch, grpo_loss_torch, h, w_local, y, g_lp, g_ent, grpo, group),
     }
     # reduce_grad_hidden=False (sequence-parallel callers reduce themselves): partial grads sum to the full one.
     part = _tp_chain(fused_linear_logprob, fused_grpo_loss, h, w_local, y, g_lp, g_ent, grpo, group,
@@ -282,7 +282,7 @@ def _tp_body():
 def test_tensor_parallel_matches_tp1():
     h, w, y, g_lp, g_ent, grpo = _tp_inputs()
     full = _tp_chain(fused_linear_logprob, fused_grpo_loss, h, w, y, g_lp, g_ent, grpo, None)
-    full_ref = _tp_chain(linear_logprob_reference, grpo_loss_reference, h, w, y, g_lp, g_ent, grpo, None)
+    full_ref = _tp_chain(linear_logprob_torch, grpo_loss_torch, h, w, y, g_lp, g_ent, grpo, None)
     for k in ("lp", "ent", "loss", "gh", "gw"):
         assert rel(full[k], full_ref[k]) < 1e-5, k
     ranks = run_ranks(_tp_body, 2, timeout_s=240)
@@ -297,7 +297,7 @@ def test_tensor_parallel_matches_tp1():
     y_pad = y.clamp(max=vocab - 1)
     hp = h.detach().clone().requires_grad_(True)
     wp = w.detach().clone().requires_grad_(True)
-    gold = linear_logprob_reference(hp, wp[:vocab], y_pad)
+    gold = linear_logprob_torch(hp, wp[:vocab], y_pad)
     gold.sum().backward()
     gw_pad = torch.cat([ranks[0]["padded"]["gw"], ranks[1]["padded"]["gw"]])
     for r in range(2):
@@ -316,7 +316,7 @@ def test_cuda_native_dot(dtype):
     h, w, y, g_lp, g_ent = make(300, 256, 5003, dtype, seed=8, ignore=(7,))
     dev = {k: v.cuda() for k, v in zip(("h", "w", "y", "a", "b"), (h, w, y, g_lp, g_ent))}
     ours = run(fused_linear_logprob, dev["h"], dev["w"], dev["y"], dev["a"], dev["b"], 0.8)
-    gold = run(linear_logprob_reference, dev["h"].float(), dev["w"].float(), dev["y"], dev["a"], dev["b"], 0.8)
+    gold = run(linear_logprob_torch, dev["h"].float(), dev["w"].float(), dev["y"], dev["a"], dev["b"], 0.8)
     for k in ours:
         assert rel(ours[k], gold[k]) < (2e-5 if dtype == torch.float32 else 1e-2), k
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from m2mega.models.qwen25vl import preset
-from m2mega.testing.multiproc import free_port, run_ranks
+from m2mega.runtime.multiproc import free_port, run_ranks
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 
@@ -64,11 +64,11 @@ def _hf_generate(hf, cfg, batch, **kw):
 
 @functools.lru_cache(maxsize=1)
 def _reference():
-    from m2mega.models.qwen25vl.reference import build_hf_reference, synthetic_batch
+    from m2mega.models.qwen25vl.hf_parity import build_hf_model, synthetic_batch
 
     cfg = preset("tiny")
     batch = synthetic_batch(cfg, IMAGES, seed=3)
-    hf = build_hf_reference(cfg, seed=11)
+    hf = build_hf_model(cfg, seed=11)
     with torch.no_grad():
         tokens, scores = _hf_generate(hf, cfg, batch, max_new_tokens=NEW, eos_token_id=None)
     pv, grids = _split_images(batch, cfg)

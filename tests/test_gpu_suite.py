@@ -36,7 +36,8 @@ def test_dry_run_runs_every_part(tmp_path):
     assert rep["dry_run"] and rep["device"].startswith("cpu") and rep["date"] and rep["skipped"] == {}
     assert rep["versions"]["torch"] and rep["versions"]["triton"]
     parts = rep["parts"]
-    assert list(parts) == ["gpu_tests", "kernels_T37", "vision_pack", "model", "grpo_step"]
+    assert list(parts) == ["gpu_tests", "kernels_T37", "vision_pack", "model", "grpo_step", "rollout"]
+    assert parts["rollout"]["results"]["json"]["greedy"]["same_tokens"] is True
     assert parts["gpu_tests"]["results"]["junit"]["tests"] >= 3  # the gpu-marked tests were collected (and skipped)
     rows = parts["kernels_T37"]["results"]["rows"]
     peers = {(r["kernel"], r["mode"], r["peer"]) for r in rows}

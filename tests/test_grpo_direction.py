@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from m2mega.testing.multiproc import run_ranks
+from m2mega.runtime.multiproc import run_ranks
 
 G = 4
 # two informative groups with different mean accuracy (Eq. 6 weights 4*0.5*0.5 = 1 and 4*0.25*0.75 = 0.75)
@@ -25,7 +25,7 @@ REWARDS = [[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 0.0]]
 def rl_prefix(tmp_path_factory) -> str:
     """A small preprocessed RL set: the config's tokenizer and vocabulary (the prompts come from the test)."""
     from m2mega.data.preprocess import PreprocessConfig, preprocess
-    from m2mega.data.sample_files import write_sample_jsonl
+    from m2mega.testing.sample_files import write_sample_jsonl
     from m2mega.data.tokenizer import build_tiny_qwen_tokenizer
 
     d = tmp_path_factory.mktemp("grpo_direction")
@@ -55,7 +55,7 @@ def _prompts():
 def _fixed_rollouts(prompts, rewards):
     """Pre-scored rollouts: response tokens of positive- and negative-reward rollouts come from disjoint
     token ranges, so raising one set does not raise the other through shared tokens."""
-    from m2mega.train.rollout import Rollouts
+    from m2mega.rl.rollout import Rollouts
 
     g = torch.Generator().manual_seed(2)
     resp, flat = [], [x for row in rewards for x in row]
@@ -91,7 +91,7 @@ def _cfg(prefix: str, tp: int, sp: bool, beta: float, weighting: str = "static",
 
 def _runner(cfg, rewards):
     from m2mega.train.families import get_model_family
-    from m2mega.train.grpo import GRPORunner, frozen_copy
+    from m2mega.train.grpo_runner import GRPORunner, frozen_copy
     from m2mega.train.loop import Trainer
 
     fam = get_model_family("qwen25vl")
@@ -99,7 +99,7 @@ def _runner(cfg, rewards):
     ref = frozen_copy(trainer.model[0], lambda: fam.provider(cfg)) if cfg.grpo.uses_kl() else None
     prompts = _prompts()[: len(rewards)]
     runner = GRPORunner(cfg, trainer, lambda step: prompts, lambda ids: "", eos_token_id=0, pad_token_id=0,
-                        ref_model=ref)
+                        ref_policy=ref)
     fixed = _fixed_rollouts(prompts, rewards)
     runner._rollouts = lambda prompts, seed: fixed  # the rollout + scoring stage is replaced by fixed data
     return runner, fixed
@@ -117,7 +117,7 @@ def _seq_logprobs(runner, r) -> torch.Tensor:
     out = torch.zeros(n)
     for mb, lp in zip(mbs, runner._forward_logprobs(runner.policy, mbs)):
         cu = mb.cu_seqlens.tolist()
-        for j, i in enumerate(mb.rollout_index):
+        for j, i in enumerate(mb.sample_indices.tolist()):
             out[i] = float((lp[cu[j] : cu[j + 1]] * mb.loss_mask[cu[j] : cu[j + 1]]).sum())
     return out
 

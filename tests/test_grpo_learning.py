@@ -102,7 +102,7 @@ def learning_configs(prefixes: dict, *, steps: int, seed: int = 3) -> tuple[dict
 @pytest.mark.multirank
 @pytest.mark.slow
 def test_grpo_raises_held_out_accuracy(task_prefixes):
-    from m2mega.testing.multiproc import run_ranks
+    from m2mega.runtime.multiproc import run_ranks
 
     steps = 30
     sft, grpo = learning_configs(task_prefixes, steps=steps)

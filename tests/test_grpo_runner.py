@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from m2mega.testing.multiproc import run_ranks
+from m2mega.runtime.multiproc import run_ranks
 
 
 def _scripted_decode(ids: list[int]) -> str:
@@ -49,7 +49,7 @@ def _cfg(prefix: str, *, seed: int, iters: int, grpo: dict) -> dict:
 @pytest.fixture(scope="module")
 def rl_prefix(tmp_path_factory):
     from m2mega.data.preprocess import PreprocessConfig, preprocess
-    from m2mega.data.sample_files import write_sample_jsonl
+    from m2mega.testing.sample_files import write_sample_jsonl
     from m2mega.data.tokenizer import build_tiny_qwen_tokenizer
 
     d = tmp_path_factory.mktemp("grpo_data")

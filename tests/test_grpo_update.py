@@ -9,8 +9,8 @@ import torch
 from m2mega.data.indexed import SampleInfo
 from m2mega.data.loader import RLPrompt
 from m2mega.train.grpo_update import IGNORE_INDEX, pack_rollouts, split_into_microbatches
-from m2mega.train.rollout import Rollouts
-from m2mega.testing.multiproc import run_ranks
+from m2mega.rl.rollout import Rollouts
+from m2mega.runtime.multiproc import run_ranks
 
 G = 3
 
@@ -22,7 +22,7 @@ def _info(i: int, task: str = "math") -> SampleInfo:
 
 def _rollouts(cfg, seed: int = 0) -> Rollouts:
     """Two prompts (one with two images, one text-only) x G fixed responses of different lengths."""
-    from m2mega.models.qwen25vl.reference import synthetic_batch
+    from m2mega.models.qwen25vl.hf_parity import synthetic_batch
 
     batch = synthetic_batch(cfg, [[(56, 84), (28, 56)], []], seed=seed)
     prompts, off = [], 0
@@ -55,16 +55,16 @@ def test_pack_rollouts_layout():
     assert mb.cu_seqlens.tolist() == [0, L0 + R0, L0 + R0 + p1.prompt_tokens.numel() + r.response_tokens[4].numel()]
     assert torch.equal(mb.tokens[:L0], p0.prompt_tokens) and torch.equal(mb.tokens[L0 : L0 + R0], r.response_tokens[0])
     # position t predicts token t+1: exactly the response tokens are targets, nothing crosses samples
-    assert torch.equal(mb.targets[L0 - 1 : L0 - 1 + R0], r.response_tokens[0])
-    assert int((mb.targets != IGNORE_INDEX).sum()) == R0 + r.response_tokens[4].numel()
-    assert torch.equal(mb.loss_mask, (mb.targets != IGNORE_INDEX).float())
-    assert mb.targets[L0 + R0 - 1] == IGNORE_INDEX  # last token of sample 0 predicts nothing
+    assert torch.equal(mb.labels[L0 - 1 : L0 - 1 + R0], r.response_tokens[0])
+    assert int((mb.labels != IGNORE_INDEX).sum()) == R0 + r.response_tokens[4].numel()
+    assert torch.equal(mb.loss_mask, (mb.labels != IGNORE_INDEX).float())
+    assert mb.labels[L0 + R0 - 1] == IGNORE_INDEX  # last token of sample 0 predicts nothing
     assert mb.advantages.tolist() == [0.0, 4.0] and mb.weights.tolist() == [0.5, 0.5]
     assert torch.equal(mb.image_grid_thw, p0.image_grid_thw)  # prompt 1 is text-only
     assert mb.pixel_values.shape[0] == int(p0.image_grid_thw.prod(-1).sum())
     mbs = split_into_microbatches(r, range(6), max_tokens=L0 + 10, advantages=adv, weights=w)
-    assert sum(len(m.rollout_index) for m in mbs) == 6 and [i for m in mbs for i in m.rollout_index] == list(range(6))
-    assert all(m.num_tokens <= L0 + 10 or len(m.rollout_index) == 1 for m in mbs)
+    assert sum(len(m.sample_indices) for m in mbs) == 6 and [i for m in mbs for i in m.sample_indices.tolist()] == list(range(6))
+    assert all(m.num_tokens <= L0 + 10 or len(m.sample_indices) == 1 for m in mbs)
 
 
 def _body():
@@ -74,9 +74,10 @@ def _body():
 
     import m2mega.runtime as rt
     from m2mega.models.qwen25vl import build_model, preset
-    from m2mega.models.qwen25vl.reference import randomize_
+    from m2mega.models.qwen25vl.hf_parity import randomize_
     from m2mega.models.qwen25vl.sharding import load_full_into_model
-    from m2mega.train.grpo_update import _model_inputs, make_forward_step, token_logprobs
+    from m2mega.data.loader import model_inputs
+    from m2mega.train.grpo_update import make_forward_step, token_logprobs
 
     cfg = preset("tiny")
     r = _rollouts(cfg)
@@ -100,15 +101,15 @@ def _body():
         # (a) hidden-state log-probs == log_softmax(logits) of the regular forward
         mb = mbs[0]
         with torch.no_grad():
-            inputs = _model_inputs(mb)
+            inputs = model_inputs(mb, with_labels=False, return_hidden=True)
             hidden = model(**inputs)
             logp = token_logprobs(model, hidden, mb, 0.7, with_entropy=False)
             inputs["return_hidden"] = False
             logits = model(**inputs)[0]  # [T, V/tp], padded vocab -inf
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
             ref = torch.log_softmax(logits.float() / 0.7, -1)
-            tgt = mb.targets.clamp(min=0)
-            ref = torch.where(mb.targets == IGNORE_INDEX, 0.0, ref.gather(1, tgt[:, None]).squeeze(1))
+            tgt = mb.labels.clamp(min=0)
+            ref = torch.where(mb.labels == IGNORE_INDEX, 0.0, ref.gather(1, tgt[:, None]).squeeze(1))
         out[f"logp_err_tp{tp}"] = (logp - ref).abs().max().item()
         # (b) GRPO loss + grads through megatron's schedule (old_logp = detached policy log-probs + noise)
         g = torch.Generator().manual_seed(11)

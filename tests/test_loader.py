@@ -8,7 +8,7 @@ from m2mega.data.indexed import IndexedSamples
 from m2mega.data.loader import IGNORE_INDEX, PackedTHDDataset, PromptDataset, THDLoader
 from m2mega.data.packing import PackPlan, PromptPlan, greedy_pack_starts
 from m2mega.data.preprocess import PreprocessConfig, preprocess
-from m2mega.data.sample_files import write_sample_jsonl
+from m2mega.testing.sample_files import write_sample_jsonl
 from m2mega.data.tokenizer import build_tiny_qwen_tokenizer
 from m2mega.models.qwen25vl.rope_index import get_rope_index
 from m2mega.ops.vision_pack import pack_images

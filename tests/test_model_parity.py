@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from m2mega.models.qwen25vl import Qwen25VLConfig, preset
-from m2mega.models.qwen25vl.reference import build_hf_reference, hf_forward, synthetic_batch
+from m2mega.models.qwen25vl.hf_parity import build_hf_model, hf_forward, synthetic_batch
 from m2mega.models.qwen25vl.sharding import (
     hf_to_mcore,
     mcore_to_hf,
@@ -31,7 +31,7 @@ from m2mega.models.qwen25vl.sharding import (
     normalize_hf_names,
     shard_for_rank,
 )
-from m2mega.testing.multiproc import free_port, run_ranks
+from m2mega.runtime.multiproc import free_port, run_ranks
 
 # Not importorskip: spawned ranks import this module and must not pay for importing transformers.
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
@@ -54,7 +54,7 @@ def _reference():
         if sum(b + x for b, x in zip(base, e)) % 2 == 0 and max(b + x for b, x in zip(base, e)) % 2 == 0
     )
     batch = synthetic_batch(cfg, IMAGES, seed=3, extra_text=extra)
-    hf = build_hf_reference(cfg, seed=11)
+    hf = build_hf_model(cfg, seed=11)
     logits = hf_forward(hf, cfg, batch)
     labels, lmask = batch.padded_labels()
     per_tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
@@ -119,7 +119,7 @@ def test_hf_mcore_shard_round_trip_is_exact(tied):
     cfg = preset("tiny")
     if tied:
         cfg = cfg.replace(text=cfg.text.__class__(**{**cfg.text.__dict__, "tie_word_embeddings": True}))
-    hf = build_hf_reference(cfg, seed=5)
+    hf = build_hf_model(cfg, seed=5)
     hf_sd = normalize_hf_names(hf.state_dict())
     full = hf_to_mcore(hf.state_dict(), cfg)
     for tp, pp in [(1, 1), (2, 1), (1, 2), (2, 2), (2, 3)]:
@@ -314,7 +314,7 @@ def test_bf16_error_is_comparable_to_hf_bf16():
     V = cfg.text.vocab_size
     _, am = batch.padded()
     keep = am.bool()
-    hf_bf = build_hf_reference(cfg, seed=11, dtype=torch.bfloat16)
+    hf_bf = build_hf_model(cfg, seed=11, dtype=torch.bfloat16)
     with torch.no_grad():
         b16 = type(batch)(batch.samples, batch.image_grid_thw, batch.pixel_values.bfloat16(), batch.loss_mask)
         hf_err = _rel(hf_forward(hf_bf, cfg, b16).float()[keep], ref_logits[keep])
@@ -336,7 +336,7 @@ def test_tied_embeddings_match_hf():
 
     cfg = preset("tiny")
     cfg = cfg.replace(text=cfg.text.__class__(**{**cfg.text.__dict__, "tie_word_embeddings": True}))
-    hf = build_hf_reference(cfg, seed=7)
+    hf = build_hf_model(cfg, seed=7)
     batch = synthetic_batch(cfg, IMAGES[:2], seed=5)
     with torch.no_grad():
         ref = hf_forward(hf, cfg, batch)

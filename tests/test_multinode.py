@@ -57,7 +57,7 @@ def _losses(stdout: str) -> list[str]:
 
 
 def test_two_nodes_on_loopback_match_one_node_with_two_processes(tmp_path):
-    from m2mega.testing.multiproc import free_port
+    from m2mega.runtime.multiproc import free_port
 
     config = _config(tmp_path)
     rc, out, err = _finish(_launch(config, free_port(), NNODES=1, NPROC_PER_NODE=2))
@@ -75,7 +75,7 @@ def test_two_nodes_on_loopback_match_one_node_with_two_processes(tmp_path):
 
 
 def test_node_whose_peer_never_joins_fails_within_the_rendezvous_timeout(tmp_path):
-    from m2mega.testing.multiproc import free_port
+    from m2mega.runtime.multiproc import free_port
 
     timeout = 6
     t0 = time.monotonic()

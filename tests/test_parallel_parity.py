@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from m2mega.testing.multiproc import run_ranks
+from m2mega.runtime.multiproc import run_ranks
 
 LAYOUTS = [(2, 1), (1, 2), (2, 2)]  # (TP, PP)
 NUM_MICROBATCHES = 2
@@ -23,16 +23,17 @@ def _loss_and_grads(model, shape, seed):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from m2mega.testing.tiny_gpt import synthetic_batch
+    from m2mega.testing.tiny_gpt import SyntheticSFTLoader
 
-    batches = [synthetic_batch(shape, MICRO_BATCH, SEQ, seed + i) for i in range(NUM_MICROBATCHES)]
+    batches = [SyntheticSFTLoader(shape.vocab_size, SEQ, MICRO_BATCH, seed=seed + i).batch(0)
+               for i in range(NUM_MICROBATCHES)]
 
     def forward_step(data_iterator, model):
         b = next(data_iterator)
-        out = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+        out = model(b.tokens, b.position_ids, None, labels=b.labels)
 
         def loss_func(per_token):
-            loss = (per_token.float() * b["loss_mask"]).sum() / b["loss_mask"].sum()
+            loss = (per_token.float() * b.loss_mask).sum() / b.loss_mask.sum()
             # clone: megatron scales the returned loss in place (/= num_microbatches)
             return loss, {"loss": loss.detach().clone()}
 
@@ -73,9 +74,9 @@ def _body(ckpt_root: str):
     from megatron.core import parallel_state as ps
 
     import m2mega.runtime as rt
-    from m2mega.testing.tiny_gpt import TinyGPTShape, build_tiny_gpt
+    from m2mega.testing.tiny_gpt import GPTShapeConfig, build_tiny_gpt
 
-    shape = TinyGPTShape()
+    shape = GPTShapeConfig()
     results = {}
 
     def relayout(tp, pp):

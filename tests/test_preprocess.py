@@ -17,7 +17,7 @@ import torch
 from m2mega.data.chat_template import DEFAULT_SYSTEM_PROMPT, with_system_prompt
 from m2mega.data.indexed import MODE_IMAGE, MODE_LOSS_SPANS, MODE_TOKENS, IndexedSamples, dataset_files
 from m2mega.data.preprocess import PreprocessConfig, preprocess
-from m2mega.data.sample_files import write_images, write_sample_jsonl
+from m2mega.testing.sample_files import write_images, write_sample_jsonl
 from m2mega.data.tokenizer import build_tiny_qwen_tokenizer, build_tiny_sentencepiece
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -32,15 +32,16 @@ class _Payload:
 
 
 def _train(cfg):
-    from m2mega.train.loop import train
-    from m2mega.train.sft import gpt_model_provider, sft_data_provider, sft_forward_step
+    from m2mega.train.sft import train
+    from m2mega.testing.tiny_gpt import gpt_model_provider
+    from m2mega.train.sft import sft_data_provider, sft_forward_step
 
     return train(cfg, gpt_model_provider, sft_forward_step, sft_data_provider)
 
 
 def _gpt_model(cfg):
-    from m2mega.train.loop import seed_everything
-    from m2mega.train.sft import gpt_model_provider
+    from m2mega.runtime import seed_everything
+    from m2mega.testing.tiny_gpt import gpt_model_provider
 
     seed_everything(cfg.seed)
     return gpt_model_provider(cfg)
@@ -56,10 +57,10 @@ def _rng_entry(ckpt: str):
 def test_planted_payloads_never_run_on_any_load_path(runtime, tmp_path):
     from m2mega.convert import hf_mcore
     from m2mega.convert.checks import UnsafeCheckpoint
-    from m2mega.eval.run import load_policy
+    from m2mega.train.families import load_policy
     from m2mega.train.checkpoint import load_checkpoint, load_model_weights
     from m2mega.train.loop import Trainer
-    from m2mega.train.sft import gpt_model_provider
+    from m2mega.testing.tiny_gpt import gpt_model_provider
 
     cfg = tiny_cfg(tmp_path, schedule={"train_iters": 1, "lr_warmup_iters": 0}, checkpoint={"save_at_end": True})
     good = _train(cfg).last_checkpoint
@@ -105,7 +106,8 @@ def test_truncated_distcp_falls_back_then_fails_naming_the_file(runtime, tmp_pat
     from m2mega.convert.checks import CorruptCheckpoint
     from m2mega.train.checkpoint import load_model_weights
     from m2mega.train.loop import Trainer
-    from m2mega.train.sft import gpt_model_provider, sft_data_provider
+    from m2mega.testing.tiny_gpt import gpt_model_provider
+    from m2mega.train.sft import sft_data_provider
 
     cfg = tiny_cfg(tmp_path, schedule={"train_iters": 2, "lr_warmup_iters": 1}, checkpoint={"save_interval": 1, "keep_last": 0})
     _train(cfg)
@@ -128,7 +130,7 @@ def test_truncated_distcp_falls_back_then_fails_naming_the_file(runtime, tmp_pat
 def test_a_save_replaces_an_existing_iteration_and_resume_takes_the_newest(runtime, tmp_path):
     from m2mega.train.checkpoint import LATEST, find_latest, load_model_weights, unwrap_model
     from m2mega.train.loop import Trainer
-    from m2mega.train.sft import gpt_model_provider
+    from m2mega.testing.tiny_gpt import gpt_model_provider
 
     cfg = tiny_cfg(tmp_path)
     t = Trainer(cfg, gpt_model_provider)
@@ -171,7 +173,7 @@ def test_changed_architecture_fails_before_the_model_is_built(runtime, tmp_path)
     from m2mega.train.checkpoint import load_model_weights
     from m2mega.train.config import ConfigError
     from m2mega.train.loop import Trainer
-    from m2mega.train.sft import gpt_model_provider
+    from m2mega.testing.tiny_gpt import gpt_model_provider
 
     cfg = tiny_cfg(tmp_path, schedule={"train_iters": 1, "lr_warmup_iters": 0}, checkpoint={"save_at_end": True})
     ckpt = _train(cfg).last_checkpoint
@@ -262,7 +264,7 @@ def test_the_checkpoint_writer_manager_dies_with_a_killed_run(tmp_path):
     import subprocess
     import time
 
-    from m2mega.testing.multiproc import free_port
+    from m2mega.runtime.multiproc import free_port
 
     script = tmp_path / "saver.py"
     script.write_text(_KILLED_SAVER.format(tests=os.path.dirname(__file__), port=str(free_port()), tmp=str(tmp_path)))

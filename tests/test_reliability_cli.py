@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from m2mega.testing.multiproc import free_port
+from m2mega.runtime.multiproc import free_port
 
 GPT = ["--model.family=gpt", "--data.source=synthetic", "--logging.progress=none"]
 

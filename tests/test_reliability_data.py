@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from m2mega.data.preprocess import preprocess
-from m2mega.data.sample_files import write_sample_jsonl
+from m2mega.testing.sample_files import write_sample_jsonl
 from test_preprocess import TOOL, _cfg, data, tok_dir  # noqa: F401 (fixtures)
 
 

@@ -113,7 +113,8 @@ def test_rollout_scorer_passes_record_fields(user_file):
 
     from m2mega.data.indexed import SampleInfo
     from m2mega.data.loader import RLPrompt
-    from m2mega.train.rollout import Rollouts, score_rollouts
+    from m2mega.rl.rollout import Rollouts
+    from m2mega.rl.scoring import score_rollouts
 
     info = SampleInfo(index=0, id="r0", answer="42", task="code", answer_type="code", difficulty=0.9, quality=1.0,
                       is_rl=True, n_tokens=3, prompt_len=3, file="f.jsonl", line=1)  # fmt: skip

@@ -7,7 +7,7 @@ import torch
 
 import m2mega.runtime as rt
 from m2mega.runtime import cpu
-from m2mega.testing.multiproc import RankFailure, RankTimeout, run_ranks
+from m2mega.runtime.multiproc import RankFailure, RankTimeout, run_ranks
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU runtime is for machines without CUDA")
 

@@ -28,7 +28,7 @@ def _inner_optimizer_state(trainer) -> dict:
 
 def _trainer(cfg):
     from m2mega.train.loop import Trainer
-    from m2mega.train.sft import gpt_flops_per_token, gpt_model_provider
+    from m2mega.testing.tiny_gpt import gpt_flops_per_token, gpt_model_provider
 
     return Trainer(cfg, gpt_model_provider, flops_per_token=gpt_flops_per_token)
 
@@ -36,8 +36,9 @@ def _trainer(cfg):
 def test_short_sft_lowers_loss_lr_schedule_and_tensorboard(runtime, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from m2mega.train.loop import train
-    from m2mega.train.sft import gpt_flops_per_token, gpt_model_provider, sft_data_provider, sft_forward_step
+    from m2mega.train.sft import train
+    from m2mega.testing.tiny_gpt import gpt_flops_per_token, gpt_model_provider
+    from m2mega.train.sft import sft_data_provider, sft_forward_step
 
     n, warm, lr, min_lr = 24, 3, 3e-3, 1e-4
     cfg = tiny_cfg(
@@ -171,6 +172,21 @@ def test_recompute_gives_the_same_step(runtime):
         assert worst < 1e-6, f"recompute={mode} changes the update by {worst}"
 
 
+def test_kernels_section_configures_the_fused_kernels(runtime):
+    from m2mega.kernels import KernelConfig, get_kernel_config, set_kernel_config
+
+    t = _trainer(tiny_cfg(kernels={"use_torch": True, "check_inputs": False, "bwd_slab_bytes": 1 << 20}))
+    try:
+        k = get_kernel_config()
+        assert k.use_torch and not k.check_inputs and k.bwd_slab_bytes == 1 << 20
+    finally:
+        t.close()
+        set_kernel_config(KernelConfig())
+    t = _trainer(tiny_cfg())  # a later run without the section gets the defaults back
+    t.close()
+    assert get_kernel_config() == KernelConfig()
+
+
 def test_freeze_keeps_prefix_fixed(runtime):
     from m2mega.train.sft import sft_data_provider, sft_forward_step
 
@@ -194,7 +210,7 @@ def test_freeze_keeps_prefix_fixed(runtime):
 
 
 def test_synthetic_loader_is_deterministic_and_dp_invariant():
-    from m2mega.train.sft import SyntheticSFTLoader
+    from m2mega.testing.tiny_gpt import SyntheticSFTLoader
 
     one = SyntheticSFTLoader(66, 16, 4, dp_rank=0, dp_size=1, seed=3)
     rows = next(iter(one))
@@ -229,7 +245,7 @@ def test_masked_loss_counts_assistant_tokens_only():
 def test_cli_prints_config_trains_and_checkpoints(tmp_path, monkeypatch, capsys):
     import yaml
 
-    from m2mega.testing.multiproc import free_port
+    from m2mega.runtime.multiproc import free_port
     from m2mega.train.config import to_dict
     from m2mega.train.sft import main
 

@@ -3,6 +3,7 @@
 tiny HF Qwen2.5-VL (``save_pretrained``; head dim 10, M-RoPE 2/1/2: sizes no other test uses)
 -> ``hf-to-mcore --tp 2`` -> own JSONL with images through ``preprocess_data.py``
 -> SFT at TP2 + sequence parallelism (examples/tiny/sft.yaml, architecture from init_from's config.json)
+-> difficulty of the RL rows from the SFT model's rollouts (``score_difficulty.py --checkpoint``), curriculum order
 -> GRPO at TP2 + SP with at least one optimizer update (examples/tiny/grpo.yaml, a custom reward so that
    groups differ on a barely trained model)
 -> ``mcore-to-hf`` pointed at the GRPO *save root* -> transformers ``from_pretrained`` -> greedy generation
@@ -73,7 +74,7 @@ def test_hf_model_in_trained_model_out(tmp_path):
           "--tp", "2"], ROOT, logs / "convert.log")
     _run([py, "tools/make_synthetic_data.py", "--out", str(w / "data"), "--sft", "24", "--rl", "8", "--eval", "6",
           "--seed", "5", "--reasoning", "brief"], ROOT, logs / "data.log")
-    for split in ("sft", "rl", "eval"):
+    for split in ("sft", "eval"):
         _run([py, "tools/preprocess_data.py", "--input", str(w / f"data/{split}.jsonl"), "--output-prefix",
               str(w / f"prep/{split}"), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
               str(w / "hf"), "--seq-length", "1024", "--no-progress"], ROOT, logs / f"prep_{split}.log")
@@ -81,9 +82,20 @@ def test_hf_model_in_trained_model_out(tmp_path):
     sft = _run(_torchrun("m2mega.train.sft", "--config", "examples/tiny/sft.yaml",
                          f"--model.init_from={w / 'mcore'}", f"--data.train_prefix={w / 'prep/sft'}",
                          f"--checkpoint.save_dir={w / 'ckpt_sft'}", "--logging.tensorboard_dir=null",
-                         "--schedule.train_iters=3", "--schedule.lr_warmup_iters=1", "--schedule.global_batch_size=2"),
+                         "--schedule.train_iters=3", "--schedule.lr_warmup_iters=1", "--schedule.global_batch_size=2",
+                         "--grpo.max_new_tokens=12"),  # the sampling length difficulty scoring reads from the checkpoint
                ROOT, logs / "sft.log")
     assert "done: 3 iterations" in sft and "(a converted checkpoint)" in sft  # which init_from was loaded
+    # difficulty from the SFT model's own rollouts (in-process TP1 on a TP2 + sequence-parallel checkpoint),
+    # then the RL rows in curriculum order
+    _run([py, "tools/score_difficulty.py", "--input", str(w / "data/rl.jsonl"), "--checkpoint", str(w / "ckpt_sft"),
+          "--num-rollouts", "2", "--keep-trivial", "--output", str(w / "data/rl_scored.jsonl"), "--no-progress"],
+         ROOT, logs / "difficulty.log")
+    scored = [json.loads(line) for line in open(w / "data/rl_scored.jsonl")]
+    assert len(scored) == 8 and all(0.0 <= r["difficulty"] <= 1.0 for r in scored)
+    _run([py, "tools/preprocess_data.py", "--input", str(w / "data/rl_scored.jsonl"), "--output-prefix",
+          str(w / "prep/rl"), "--order", "curriculum", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+          str(w / "hf"), "--seq-length", "1024", "--no-progress"], ROOT, logs / "prep_rl.log")
     reward = tmp_path / "my_reward.py"
     reward.write_text(REWARD)
     grpo = _run(_torchrun("m2mega.train.grpo", "--config", "examples/tiny/grpo.yaml",
@@ -117,7 +129,7 @@ def _compare_with_transformers(w, hf_dir, ours: dict) -> None:
     from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     from m2mega.data.dataset_meta import read_dataset_meta
-    from m2mega.eval.run import prefix_prompts
+    from m2mega.rl.prompts import prefix_prompts
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     ip, tok = AutoImageProcessor.from_pretrained(str(hf_dir)), AutoTokenizer.from_pretrained(str(hf_dir))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from m2mega.models.qwen25vl import preset
-from m2mega.testing.multiproc import free_port
+from m2mega.runtime.multiproc import free_port
 
 needs_hf = pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
 
@@ -110,12 +110,12 @@ def _single_rank():
 
 @needs_hf
 def test_vision_tower_matches_hf():
-    from m2mega.models.qwen25vl.reference import build_hf_reference
+    from m2mega.models.qwen25vl.hf_parity import build_hf_model
     from m2mega.models.qwen25vl.sharding import hf_to_mcore
     from m2mega.models.qwen25vl.vision import VisionTransformer
 
     cfg = preset("tiny")
-    hf = build_hf_reference(cfg, seed=4)
+    hf = build_hf_model(cfg, seed=4)
     grid = torch.tensor(GRIDS)
     g = torch.Generator().manual_seed(2)
     pv = torch.randn(int(grid.prod(-1).sum()), cfg.vision.patch_dim, generator=g)

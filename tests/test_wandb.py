@@ -51,8 +51,9 @@ def _tensorboard_scalars(logdir: str) -> dict[str, dict[int, float]]:
 
 
 def test_offline_run_has_tensorboards_scalars_and_the_config(runtime, tmp_path, monkeypatch):  # noqa: F811
-    from m2mega.train.loop import train
-    from m2mega.train.sft import gpt_flops_per_token, gpt_model_provider, sft_data_provider, sft_forward_step
+    from m2mega.train.sft import train
+    from m2mega.testing.tiny_gpt import gpt_flops_per_token, gpt_model_provider
+    from m2mega.train.sft import sft_data_provider, sft_forward_step
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))

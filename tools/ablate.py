@@ -56,7 +56,7 @@ def arm_config(base: dict, arm: str, out: Path) -> dict:
 def summarize(results: dict[str, list[dict]]) -> tuple[str, list[str]]:
     """Markdown table: per arm, mean +- 95% interval over seeds of held-out accuracy / reward per task and
     the repetition rate; then each arm minus the baseline (paired by seed) with a within-noise verdict."""
-    from m2mega.eval.held_out import mean_ci
+    from m2mega.rl.tables import mean_ci
 
     arms = list(results)
     tasks = sorted({t for rs in results.values() for r in rs for t in r if t != "all" and not t.startswith("_")})
@@ -99,7 +99,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from m2mega.eval.held_out import mean_ci
+    from m2mega.rl.tables import mean_ci
 
     arms = list(results)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))

@@ -4,7 +4,8 @@
     python tools/make_synthetic_data.py --out data/synth --sft 512 --rl 256 --eval 128 --seed 1234
 
 Writes OUT/sft.jsonl (rows with the assistant turn), OUT/rl.jsonl and OUT/eval.jsonl (rows ending at the
-user turn, with the answer), OUT/images/*.png and OUT/manifest.json; then preprocess, e.g.
+user turn, with the answer), OUT/images/*.png (OUT/videos/*.mp4 for the video family ``order``) and
+OUT/manifest.json; then preprocess, e.g.
 ``tools/preprocess_data.py --input OUT/sft.jsonl --order curriculum ...``.
 """
 
@@ -14,7 +15,7 @@ import argparse
 import sys
 import time
 
-from m2mega.data.synthetic import FAMILIES, write_dataset
+from m2mega.data.synthetic import ALL_FAMILIES, FAMILIES, write_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rl", type=int, default=256, help="RL rows (prompt + answer)")
     p.add_argument("--eval", type=int, default=128, help="held-out evaluation rows")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES,
-                   help="task families to include (rotated evenly)")
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=ALL_FAMILIES,
+                   help="task families to include (rotated evenly); 'order' is the video family (not a default)")
     p.add_argument("--reasoning", choices=("full", "brief"), default="full",
                    help="SFT <think> content: the worked reasoning, or only its concluding sentence")
     a = p.parse_args(argv)

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from m2mega.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
     from m2mega.data.tokenizer import build_tiny_qwen_tokenizer, build_tokenizer
     from m2mega.models.qwen25vl.config import Qwen25VLConfig, TextArch, VisionArch
-    from m2mega.models.qwen25vl.reference import build_hf_reference
+    from m2mega.models.qwen25vl.hf_parity import build_hf_model
 
     os.makedirs(a.out, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             vision_start_token_id=tok.vision_start_token_id, vision_end_token_id=tok.vision_end_token_id,
             make_vocab_size_divisible_by=8, name="tiny-hf",
         )
-        build_hf_reference(cfg, seed=a.seed).save_pretrained(a.out, safe_serialization=True)
+        build_hf_model(cfg, seed=a.seed).save_pretrained(a.out, safe_serialization=True)
         for fn in os.listdir(tok_dir):
             shutil.copyfile(os.path.join(tok_dir, fn), os.path.join(a.out, fn))
     with open(os.path.join(a.out, "preprocessor_config.json"), "w", encoding="utf-8") as f:

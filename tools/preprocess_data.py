@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Preprocess M2-Reasoning JSONL (SFT and RL rows, with images) into megatron-core indexed datasets.
+"""Preprocess M2-Reasoning JSONL (SFT and RL rows, with images and videos) into megatron-core indexed datasets.
 
     python tools/preprocess_data.py --input train.jsonl --output-prefix data/train \\
         --tokenizer-type HuggingFaceTokenizer --tokenizer-model /models/Qwen2.5-VL-7B-Instruct \\
         --workers 16 --order curriculum --seq-length 8192
 
 Writes PREFIX.bin / PREFIX.idx (``IndexedDataset(PREFIX, multimodal=True)``), the sidecar
-(PREFIX.samples.npy, .grid.npy, .strings.bin, .meta.json) and the reject file; see docs/data.md.
+(PREFIX.samples.npy, .grid.npy, .video.npy, .strings.bin, .meta.json) and the reject file; see docs/data.md.
 Exit code 0, or 1 when more than ``--max-reject-fraction`` of the rows were rejected (the dataset of the
 accepted rows is still written), or 2 on unusable arguments.
 """
@@ -23,6 +23,7 @@ from m2mega.data.chat_template import DEFAULT_SYSTEM_PROMPT
 from m2mega.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, IMAGE_FORMATS
 from m2mega.data.ordering import ORDERS
 from m2mega.data.tokenizer import TOKENIZER_TYPES
+from m2mega.data.video import VIDEO_DEFAULTS
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,6 +47,12 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="store resized uint8 pixels (default; 8x smaller than bf16 patches) or packed patches")
     g.add_argument("--patch-dtype", choices=("bfloat16", "float32"), default="bfloat16",
                    help="dtype of stored patches with --image-format patches")
+    g = p.add_argument_group("videos (defaults for video parts that set none; see docs/data.md)")
+    g.add_argument("--video-fps", type=float, default=VIDEO_DEFAULTS.fps, help="frames sampled per second of a video file")
+    g.add_argument("--video-max-frames", type=int, default=VIDEO_DEFAULTS.max_frames,
+                   help="most frames sampled from a video file")
+    g.add_argument("--video-min-pixels", type=int, default=VIDEO_DEFAULTS.min_pixels, help="per-frame lower bound")
+    g.add_argument("--video-max-pixels", type=int, default=VIDEO_DEFAULTS.max_pixels, help="per-frame upper bound")
     g = p.add_argument_group("output data")
     g.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx and the sidecar")
     g.add_argument("--order", choices=ORDERS, default="input",
@@ -73,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         max_pixels=args.max_pixels,
         image_format=args.image_format,
         patch_dtype=args.patch_dtype,
+        video_fps=args.video_fps,
+        video_max_frames=args.video_max_frames,
+        video_min_pixels=args.video_min_pixels,
+        video_max_pixels=args.video_max_pixels,
         system_prompt=None if args.system_prompt.lower() == "none" else args.system_prompt,
         order=args.order,
         seed=args.seed,
@@ -93,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     rate = res.rows / max(res.seconds, 1e-9)
     print(
         f"rows {res.rows}  accepted {res.accepted}  rejected {res.rejected} ({100 * res.reject_fraction:.2f}%)  "
-        f"tokens {res.tokens}  images {res.images}  {res.seconds:.1f}s  {rate:.1f} rows/s "
+        f"tokens {res.tokens}  images {res.images}  videos {res.videos}  {res.seconds:.1f}s  {rate:.1f} rows/s "
         f"({rate / res.workers:.1f}/s/worker)",
         file=sys.stderr,
     )

@@ -31,9 +31,8 @@ counts)`` is held in a dict (a few hundred bytes per row: ~1 GB for 2M rows). Ro
 and never held. Exit code 0, or 2 on unusable input (malformed JSON, a row without id, a duplicate id;
 the message names file and line).
 
-``--checkpoint`` (generate the rollouts with a model instead of reading them) calls the GRPO trainer's
-rollout driver ``m2mega.train.grpo.write_rollouts(checkpoint=, input_path=, output_path=, num_rollouts=)``
-(issue 7); until it exists the option stops with "not yet wired; see issue 7".
+``--checkpoint`` (generate the rollouts with a model instead of reading them) samples them with the
+checkpoint's own model, sampling settings and preprocessing (``m2mega.train.rollout_files.write_rollouts``).
 """
 
 from __future__ import annotations
@@ -173,7 +172,7 @@ def _score_line(item: tuple[int, str]) -> tuple[str, int, int, str | None, str |
     return rid, len(resps), ok, None, None
 
 
-def score_rollouts(
+def score_rollout_file(
     path: str, index: dict[str, _Entry], config: RewardConfig, report: Report, workers: int = 1, progress: bool = False
 ) -> None:
     """Pass 2: stream the rollouts, adding ``n``/``correct`` counts to the index entries."""
@@ -275,7 +274,7 @@ def load_reward_config(path: str | None) -> RewardConfig:
 
 def _generate_with_checkpoint(args: argparse.Namespace) -> str:
     """``--checkpoint``: roll out with the GRPO trainer's driver, write a rollouts JSONL, return its path."""
-    from m2mega.train.grpo import write_rollouts
+    from m2mega.train.rollout_files import write_rollouts
 
     out = args.output + ".rollouts.jsonl"
     write_rollouts(checkpoint=args.checkpoint, input_path=args.input, output_path=out, num_rollouts=args.num_rollouts)
@@ -315,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_reward_config(args.reward_config)
         rollouts = args.rollouts if args.rollouts else _generate_with_checkpoint(args)
         index = build_index(args.input, progress)
-        score_rollouts(rollouts, index, config, report, args.workers, progress)
+        score_rollout_file(rollouts, index, config, report, args.workers, progress)
         write_output(args.input, args.output, index, report, args.drop_trivial, args.drop_missing,
                      args.min_rollouts, progress)  # fmt: skip
     except (InputError, OSError) as e:

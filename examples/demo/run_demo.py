@@ -39,6 +39,7 @@ FULL = dict(sft=2048, rl=512, eval=128, vocab=640, sft_iters=260, sft_batch=4, g
             group=8, new_tokens=40, seq=1024, tp=2, eval_interval=5, eval_samples=4, grpo_lr=5e-4)
 QUICK = dict(sft=48, rl=24, eval=8, vocab=400, sft_iters=4, sft_batch=2, grpo_iters=2, prompts=2,
              group=3, new_tokens=8, seq=1024, tp=2, eval_interval=1, eval_samples=2, grpo_lr=5e-4)
+FAMILIES = ("count", "measure", "compare", "arith")
 TARGET = 0.05  # GRPO must raise held-out accuracy and mean reward over the SFT model by this much (issue 12)
 
 
@@ -57,7 +58,7 @@ def _run(cmd: list[str], log: Path) -> None:
             f.write(line)
             # progress lines only; the full log (config dump, warnings) is in the file
             if line.startswith(("iter ", "grpo step", "done:", "|", "training iterations", "# held-out", "held-out @",
-                                "GRPO done", "warning:", "policy (and KL")) or "Error" in line:
+                                "GRPO done", "warning:", "model initialised", "KL reference")) or "Error" in line:
                 print("  " + line.rstrip(), flush=True)
         rc = proc.wait()
     if rc != 0:
@@ -108,7 +109,7 @@ def main() -> int:
 def _summary(runs: list[dict], wall_s: float) -> str:
     """Per seed and mean (95% t-interval over seeds) of the GRPO-minus-SFT held-out deltas, and whether
     every seed reached the target."""
-    from m2mega.eval.held_out import mean_ci
+    from m2mega.rl.tables import mean_ci
 
     lines = [f"GRPO - SFT on held-out prompts ({len(runs)} seed(s), {wall_s:.0f}s): target >= +{TARGET} accuracy "
              f"and >= +{TARGET} mean reward on every seed", "",
@@ -150,7 +151,8 @@ def run_seed(out: Path, seed: int, quick: bool) -> dict:
 def _evaluate(out: Path, S: dict, tag: str, checkpoint: str) -> dict:
     path = out / f"eval_{tag}.json"
     _run(_torchrun(S["tp"], "m2mega.eval.run", "--config", str(out / "grpo.yaml"), "--eval-prefix",
-                   str(out / "prep/eval"), "--checkpoint", checkpoint, "--eval-json", str(path)),
+                   str(out / "prep/eval"), "--checkpoint", checkpoint, "--eval-json", str(path),
+                   "--samples-jsonl", str(out / f"samples_{tag}.jsonl")),
          out / "logs" / f"eval_{tag}.log")
     return json.loads(path.read_text())
 
@@ -164,7 +166,7 @@ def grpo_stage(out: Path, S: dict, grpo_cfg: dict, tag: str = "grpo") -> tuple[l
     return json.loads(hist_path.read_text()), json.loads(val_path.read_text())
 
 
-def prepare(out: Path, seed: int, S: dict) -> tuple[dict, dict, dict]:
+def prepare(out: Path, seed: int, S: dict, evaluate_init: bool = True) -> tuple[dict | None, dict, dict]:
     """Stages 1-4 (data, tokenizer, preprocessing, evaluation, SFT, evaluation) in ``out``; returns the
     held-out tables before and after SFT and the GRPO config (a dict) that starts from the SFT model."""
     out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +176,8 @@ def prepare(out: Path, seed: int, S: dict) -> tuple[dict, dict, dict]:
 
     _say("1/6 synthetic dataset (rendered images)")
     _run([py, "tools/make_synthetic_data.py", "--out", str(out / "data"), "--sft", str(S["sft"]), "--rl",
-          str(S["rl"]), "--eval", str(S["eval"]), "--seed", str(seed), "--reasoning", "brief"], logs / "data.log")
+          str(S["rl"]), "--eval", str(S["eval"]), "--seed", str(seed), "--reasoning", "brief",
+          "--families", *S.get("families", FAMILIES)], logs / "data.log")
 
     _say("2/6 tokenizer + preprocessing to .bin/.idx (curriculum order)")
     from m2mega.data.tokenizer import build_tiny_qwen_tokenizer
@@ -184,7 +187,7 @@ def prepare(out: Path, seed: int, S: dict) -> tuple[dict, dict, dict]:
         _run([py, "tools/preprocess_data.py", "--input", str(out / f"data/{split}.jsonl"), "--output-prefix",
               str(out / f"prep/{split}"), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tok,
               "--order", "curriculum" if split != "eval" else "input", "--seq-length", str(S["seq"]),
-              "--system-prompt", SYSTEM_PROMPT, "--no-progress"], logs / f"prep_{split}.log")
+              "--system-prompt", S.get("system_prompt", SYSTEM_PROMPT), "--no-progress"], logs / f"prep_{split}.log")
 
     common = {
         "seed": seed,
@@ -221,8 +224,10 @@ def prepare(out: Path, seed: int, S: dict) -> tuple[dict, dict, dict]:
     _write_yaml(out / "sft.yaml", sft_cfg)
     _write_yaml(out / "grpo.yaml", grpo_cfg)
 
-    _say(f"3/6 held-out evaluation before SFT (random init, TP={S['tp']})")
-    before = _evaluate(out, S, "before_sft", "none")
+    before = None
+    if evaluate_init:
+        _say(f"3/6 held-out evaluation before SFT (random init, TP={S['tp']})")
+        before = _evaluate(out, S, "before_sft", "none")
 
     _say(f"4/6 cold-start SFT, TP={S['tp']} on gloo")
     _run(_torchrun(S["tp"], "m2mega.train.sft", "--config", str(out / "sft.yaml")), logs / "sft.log")

@@ -15,6 +15,7 @@ from typing import Mapping
 import torch
 
 from m2mega.models.qwen25vl.config import Qwen25VLConfig
+from m2mega.runtime.cli import RunFailed, UsageError
 
 __all__ = [
     "expected_hf_shapes",
@@ -32,7 +33,7 @@ __all__ = [
 _MAX_LISTED = 20
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UsageError):
     """A checkpoint's tensors do not match the model config (the message lists them)."""
 
 
@@ -145,11 +146,11 @@ _ALLOWED_NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("c
                   ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice")}
 
 
-class UnsafeCheckpoint(ValueError):
+class UnsafeCheckpoint(RunFailed, ValueError):
     """A checkpoint file references code outside the allow-list: refused before anything is unpickled."""
 
 
-class CorruptCheckpoint(ValueError):
+class CorruptCheckpoint(RunFailed, ValueError):
     """A checkpoint file is missing, truncated or unreadable. ``path`` names the file."""
 
     def __init__(self, path: str, reason: str) -> None:

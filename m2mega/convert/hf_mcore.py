@@ -22,8 +22,15 @@ import re
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from m2mega.models.qwen25vl.config import Qwen25VLConfig
+from m2mega.runtime.multiproc import free_port, run_ranks
 
 from .checks import (
     CheckpointMismatch,
@@ -40,6 +47,7 @@ from .hf_io import (
     read_hf_headers,
     save_hf_sharded,
 )
+from .layout import resolve_checkpoint
 
 __all__ = [
     "convert_hf_to_mcore",
@@ -132,9 +140,6 @@ def save_hf_as_mcore_rank(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
                           first_stage_layers: int | None = None, dtype: str | torch.dtype | None = None) -> dict:
     """This rank's part of :func:`convert_hf_to_mcore`; ``m2mega.runtime.init(tp, pp)`` must have run.
     Every rank of the layout calls it. Returns a summary (layout, tensors read by this rank)."""
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
 
     from m2mega.models.qwen25vl.model import build_model
     from m2mega.models.qwen25vl.sharding import hf_to_mcore, load_full_into_model
@@ -205,7 +210,6 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     """Convert an HF Qwen2.5-VL checkpoint directory into a megatron distributed checkpoint saved from a
     TP x PP layout. Inside an initialised job (``m2mega.runtime.init(tp, pp)`` on every rank, e.g. under
     torchrun) each rank does its part; otherwise ``tp * pp`` local ranks are spawned (gloo)."""
-    import torch.distributed as dist
 
     hf_dir, out_dir = os.fspath(hf_dir), os.fspath(out_dir)
     cfg, _ = check_hf_checkpoint(hf_dir, dtype=dtype)  # fail fast, before any process starts
@@ -223,8 +227,6 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         _check_out_dir(out_dir)
         return [save_hf_as_mcore_rank(hf_dir, out_dir, first_stage_layers=first_stage_layers, dtype=dtype)]
     _check_out_dir(out_dir)
-    from m2mega.testing.multiproc import run_ranks
-
     return run_ranks(_spawned_rank, tp * pp, args=(tp, pp, hf_dir, out_dir, first_stage_layers, dtype),
                      timeout_s=timeout_s)
 
@@ -234,9 +236,6 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *
 
 def _expected_global_shapes(model) -> dict[str, tuple[tuple[int, ...], bool]]:
     """checkpoint key -> (global shape, allow_shape_mismatch) of everything ``model`` would load."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
-
     sd = model.sharded_state_dict()
     apply_factories(sd)
     out = {}
@@ -306,7 +305,6 @@ def _check_ffn_padding(local: dict, cfg: Qwen25VLConfig, lang: dict, vis: dict) 
 def load_mcore_checkpoint(model, ckpt_dir: str | os.PathLike, cfg: Qwen25VLConfig | None = None) -> None:
     """Load a megatron distributed checkpoint into this rank's model stage, at any TP x PP. Checks the
     checkpoint's tensors (names and global shapes) against the model first and lists every mismatch."""
-    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     ckpt_dir = os.fspath(ckpt_dir)
     cfg = cfg or model.cfg
@@ -336,11 +334,7 @@ def load_mcore_checkpoint(model, ckpt_dir: str | os.PathLike, cfg: Qwen25VLConfi
 @contextlib.contextmanager
 def _single_rank_runtime():
     """TP1/PP1 on this process: reuse an initialised 1x1 layout, else start (and later stop) one."""
-    import torch.distributed as dist
-
     import m2mega.runtime as rt
-    from m2mega.testing.multiproc import free_port
-
     if dist.is_initialized():
         from megatron.core import parallel_state as ps
 
@@ -360,9 +354,6 @@ def resolve_export_source(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if os.path.isfile(os.path.join(path, ".metadata")):
         return path
-    # The iter_*/latest layout of training saves (and which of them are intact) is the trainer's to know.
-    from m2mega.train.checkpoint import resolve_checkpoint
-
     return resolve_checkpoint(path)
 
 

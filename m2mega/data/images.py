@@ -20,7 +20,7 @@ import numpy as np
 from .schema import RejectError
 
 __all__ = ["PATCH_SIZE", "MERGE_SIZE", "FACTOR", "DEFAULT_MIN_PIXELS", "DEFAULT_MAX_PIXELS", "IMAGE_FORMATS",
-           "smart_resize", "load_image", "grid_of", "vision_tokens"]
+           "smart_resize", "open_rgb", "load_image", "grid_of", "vision_tokens"]
 
 PATCH_SIZE = 14
 MERGE_SIZE = 2
@@ -62,13 +62,13 @@ def _to_rgb(img):
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def load_image(path: str, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode ``path``, apply its EXIF orientation, convert to RGB, bicubic-resize to the smart-resize size;
-    uint8 [H, W, 3]."""
+def open_rgb(path: str, kind: str = "image"):
+    """Decode ``path`` fully, apply its EXIF orientation, convert to RGB (a PIL image). Failures raise
+    ``{kind}_missing`` / ``{kind}_corrupt`` / ``{kind}_too_large`` (video frame lists use ``kind="video"``)."""
     from PIL import Image, ImageOps
 
     if not os.path.isfile(path):
-        raise RejectError("image_missing", f"{path}")
+        raise RejectError(f"{kind}_missing", f"{path}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -76,11 +76,19 @@ def load_image(path: str, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int 
                 img.load()  # full decode now: truncated files raise here, not later
                 # A phone photo stored sideways with an orientation tag is shown upright by every viewer and
                 # by transformers' load_image (exif_transpose): the model must see it upright too.
-                rgb = _to_rgb(ImageOps.exif_transpose(img))
+                return _to_rgb(ImageOps.exif_transpose(img))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise RejectError("image_too_large", f"{path}: {e}") from None
+        raise RejectError(f"{kind}_too_large", f"{path}: {e}") from None
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
-        raise RejectError("image_corrupt", f"{path}: {type(e).__name__}: {e}") from None
+        raise RejectError(f"{kind}_corrupt", f"{path}: {type(e).__name__}: {e}") from None
+
+
+def load_image(path: str, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode ``path``, apply its EXIF orientation, convert to RGB, bicubic-resize to the smart-resize size;
+    uint8 [H, W, 3]."""
+    from PIL import Image
+
+    rgb = open_rgb(path)
     w, h = rgb.size
     try:
         rh, rw = smart_resize(h, w, min_pixels=min_pixels, max_pixels=max_pixels)

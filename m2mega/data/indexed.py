@@ -11,6 +11,8 @@ mode   item        payload (int32 words)
 2      loss spans  ``[start0, end0, start1, end1, ...]`` half-open token ranges that carry the SFT loss
 1      image       one per image, in order: ``pixels`` = resized uint8 RGB ``[14*gh, 14*gw, 3]`` bytes, or
                    ``patches`` = ``pixel_values [gh*gw, 1176]`` float32/bfloat16 bytes (viewed as int32)
+3      video       one per video, after the images: ``pixels`` = sampled, resized uint8 frames
+                   ``[2*gt, 14*gh, 14*gw, 3]``, or ``patches`` = ``pixel_values_videos [gt*gh*gw, 1176]``
 =====  ==========  =========================================================================================
 
 Sidecar (all memory-mappable, no pickle):
@@ -19,6 +21,9 @@ Sidecar (all memory-mappable, no pickle):
   image count, first row in the grid table, difficulty/quality (NaN when absent), task and answer-type
   codes, RL flag, prompt length, source file/line and offsets of the id and answer strings.
 * ``PREFIX.grid.npy``: int32 ``[num_images, 3]`` patch grids (t, h, w) of all images, sample-major.
+* ``PREFIX.video.npy``: structured ``[num_videos]`` (:data:`VIDEO_DTYPE`), sample-major: each video's patch
+  grid, its ``second_per_grid`` (seconds per temporal grid step, HF's ``second_per_grid_ts``) and the
+  source frame rate. (Format ``m2mega-mm-1`` datasets, written before videos, have none and still open.)
 * ``PREFIX.strings.bin``: UTF-8 ids and answers, addressed by the offsets above.
 * ``PREFIX.meta.json``: format version, image storage, task and answer-type names, the tokenizer's special
   ids, preprocessing arguments and reject counts.
@@ -32,7 +37,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -43,14 +48,19 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatase
 from .schema import ANSWER_TYPES
 
 __all__ = [
-    "FORMAT_VERSION", "MODE_TOKENS", "MODE_IMAGE", "MODE_LOSS_SPANS", "SAMPLE_DTYPE", "SIDECAR_SUFFIXES",
+    "FORMAT_VERSION", "MODE_TOKENS", "MODE_IMAGE", "MODE_LOSS_SPANS", "MODE_VIDEO", "SAMPLE_DTYPE",
+    "VIDEO_DTYPE", "SIDECAR_SUFFIXES",
     "EncodedSample", "SampleInfo", "SampleWriter", "IndexedSamples", "dataset_files",
 ]
 
-FORMAT_VERSION = "m2mega-mm-1"
-MODE_TOKENS, MODE_IMAGE, MODE_LOSS_SPANS = 0, 1, 2
+FORMAT_VERSION = "m2mega-mm-2"
+_FORMATS = ("m2mega-mm-1", FORMAT_VERSION)  # readable; -1 is -2 without videos
+MODE_TOKENS, MODE_IMAGE, MODE_LOSS_SPANS, MODE_VIDEO = 0, 1, 2, 3
 PATCH_DIM = 3 * 2 * 14 * 14  # channels x temporal patch x patch x patch
-SIDECAR_SUFFIXES = (".samples.npy", ".grid.npy", ".strings.bin", ".meta.json")
+SIDECAR_SUFFIXES = (".samples.npy", ".grid.npy", ".strings.bin", ".meta.json", ".video.npy")
+_V1_SUFFIXES = SIDECAR_SUFFIXES[:-1]
+
+VIDEO_DTYPE = np.dtype([("grid", "<i4", (3,)), ("second_per_grid", "<f8"), ("source_fps", "<f8")])
 
 SAMPLE_DTYPE = np.dtype(
     [
@@ -70,6 +80,8 @@ SAMPLE_DTYPE = np.dtype(
         ("id_len", "<i4"),
         ("answer_off", "<i8"),
         ("answer_len", "<i4"),
+        ("n_videos", "<i4"),
+        ("video_start", "<i8"),  # first row of this sample in PREFIX.video.npy
     ]
 )
 
@@ -96,6 +108,8 @@ class EncodedSample:
     is_rl: bool
     file: int
     line: int
+    videos: list[np.ndarray] = field(default_factory=list)  # uint8 [T, H, W, 3] or [P, 1176] patches
+    video_info: np.ndarray = field(default_factory=lambda: np.zeros(0, VIDEO_DTYPE))  # VIDEO_DTYPE [n_videos]
 
 
 @dataclass
@@ -142,6 +156,8 @@ class SampleWriter:
         self._nblock = 0
         self._grids: list[np.ndarray] = []
         self._n_images = 0
+        self._videos: list[np.ndarray] = []  # VIDEO_DTYPE rows
+        self._n_videos = 0
         self.tasks: list[str] = list(tasks) if tasks is not None else []
         self._task_index = {t: i for i, t in enumerate(self.tasks)}
         self.num_samples = 0
@@ -169,19 +185,26 @@ class SampleWriter:
         return self._task_index[task]
 
     def add(self, s: EncodedSample) -> None:
-        """Append one sample (tokens, loss spans, images) as one document."""
+        """Append one sample (tokens, loss spans, images, videos) as one document."""
+        grids = np.asarray(s.grids, dtype=np.int32).reshape(-1, 3)
+        if grids.shape[0] != len(s.images):
+            raise ValueError(f"sample {s.id!r}: {len(s.images)} images but {grids.shape[0]} grids")
+        vinfo = np.asarray(s.video_info, dtype=VIDEO_DTYPE).reshape(-1)
+        if len(vinfo) != len(s.videos):
+            raise ValueError(f"sample {s.id!r}: {len(s.videos)} videos but {len(vinfo)} video records")
         b = self._builder
         b.add_item(torch.from_numpy(np.ascontiguousarray(s.tokens, dtype=np.int32)), MODE_TOKENS)
         spans = np.ascontiguousarray(s.loss_spans, dtype=np.int32).reshape(-1)
         b.add_item(torch.from_numpy(spans), MODE_LOSS_SPANS)
         for img in s.images:
             b.add_item(_as_words(img), MODE_IMAGE)
+        for vid in s.videos:
+            b.add_item(_as_words(vid), MODE_VIDEO)
         b.end_document()
-        grids = np.asarray(s.grids, dtype=np.int32).reshape(-1, 3)
-        if grids.shape[0] != len(s.images):
-            raise ValueError(f"sample {s.id!r}: {len(s.images)} images but {grids.shape[0]} grids")
         if grids.shape[0]:
             self._grids.append(grids)
+        if len(vinfo):
+            self._videos.append(vinfo)
         spans2 = spans.reshape(-1, 2)
         row = self._block[self._nblock]
         row["n_tokens"] = len(s.tokens)
@@ -198,8 +221,11 @@ class SampleWriter:
         row["line"] = s.line
         row["id_off"], row["id_len"] = self._put_string(s.id)
         row["answer_off"], row["answer_len"] = self._put_string(s.answer)
+        row["n_videos"] = len(vinfo)
+        row["video_start"] = self._n_videos
         self._push_row()
         self._n_images += grids.shape[0]
+        self._n_videos += len(vinfo)
         self.num_samples += 1
         self.num_tokens += len(s.tokens)
 
@@ -213,15 +239,20 @@ class SampleWriter:
         r = src.samples[i]
         if r["n_images"]:
             self._grids.append(np.asarray(src.grids[r["image_start"] : r["image_start"] + r["n_images"]]))
+        vids = src.video_records(i)
+        if len(vids):
+            self._videos.append(vids)
         self._block[self._nblock] = r
         row = self._block[self._nblock]
         row["image_start"] = self._n_images
+        row["video_start"] = self._n_videos
         row["task"] = task_map[r["task"]]
         row["file"] = r["file"] + file_offset
         row["id_off"], row["id_len"] = self._put_string(src.string(r["id_off"], r["id_len"]))
         row["answer_off"], row["answer_len"] = self._put_string(src.string(r["answer_off"], r["answer_len"]))
         self._push_row()
         self._n_images += int(r["n_images"])
+        self._n_videos += len(vids)
         self.num_samples += 1
         self.num_tokens += int(r["n_tokens"])
 
@@ -235,6 +266,7 @@ class SampleWriter:
         task_map = np.asarray([self._task_code(t) for t in src.meta["tasks"]], dtype=np.int16)
         rows = np.array(src.samples)
         grids = np.array(src.grids)
+        videos = np.array(src.video_table)
         strings = np.array(src._strings)
         index = src.ds.index
         b = self._builder
@@ -246,6 +278,7 @@ class SampleWriter:
         with open(src_prefix + ".bin", "rb") as f:
             shutil.copyfileobj(f, b.data_file, 1 << 22)
         rows["image_start"] += self._n_images
+        rows["video_start"] += self._n_videos
         rows["id_off"] += self._str_pos
         rows["answer_off"] += self._str_pos
         rows["task"] = task_map[rows["task"]]
@@ -254,9 +287,12 @@ class SampleWriter:
         self._nblock = 0
         if len(grids):
             self._grids.append(grids)
+        if len(videos):
+            self._videos.append(videos)
         self._strings.write(strings.tobytes())
         self._str_pos += len(strings)
         self._n_images += len(grids)
+        self._n_videos += len(videos)
         self.num_samples += len(rows)
         self.num_tokens += int(rows["n_tokens"].sum())
 
@@ -270,9 +306,12 @@ class SampleWriter:
         grids = np.concatenate(self._grids) if self._grids else np.zeros((0, 3), dtype=np.int32)
         np.save(self._tmp + ".samples.npy", rows)
         np.save(self._tmp + ".grid.npy", grids)
+        videos = np.concatenate(self._videos) if self._videos else np.zeros(0, dtype=VIDEO_DTYPE)
+        np.save(self._tmp + ".video.npy", videos)
         meta = dict(meta)
         meta.update(format=FORMAT_VERSION, num_samples=self.num_samples, num_images=int(grids.shape[0]),
-                    num_tokens=self.num_tokens, tasks=self.tasks, answer_types=list(ANSWER_TYPES))
+                    num_videos=len(videos), num_tokens=self.num_tokens, tasks=self.tasks,
+                    answer_types=list(ANSWER_TYPES))
         with open(self._tmp + ".meta.json", "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1, ensure_ascii=False)
         # The .idx goes last: IndexedDataset.exists() checks for it, so a partial set never looks complete.
@@ -297,15 +336,25 @@ class IndexedSamples:
     """Read access to a dataset written by :class:`SampleWriter` (everything memory-mapped)."""
 
     def __init__(self, prefix: str) -> None:
-        missing = [p for p in dataset_files(prefix) if not os.path.exists(p)]
-        if missing:
-            raise FileNotFoundError(f"dataset '{prefix}' is incomplete: missing {', '.join(missing)}")
+        def _missing(suffixes) -> None:
+            missing = [prefix + s for s in (".bin", ".idx") + suffixes if not os.path.exists(prefix + s)]
+            if missing:
+                raise FileNotFoundError(f"dataset '{prefix}' is incomplete: missing {', '.join(missing)}")
+
+        _missing(_V1_SUFFIXES)
         self.prefix = prefix
         with open(prefix + ".meta.json", encoding="utf-8") as f:
             self.meta: dict[str, Any] = json.load(f)
-        if self.meta.get("format") != FORMAT_VERSION:
+        if self.meta.get("format") not in _FORMATS:
             raise ValueError(f"{prefix}.meta.json: format {self.meta.get('format')!r}, expected {FORMAT_VERSION!r}")
         self.samples = np.load(prefix + ".samples.npy", mmap_mode="r")
+        if self.meta["format"] == FORMAT_VERSION:
+            _missing(SIDECAR_SUFFIXES)
+            self.video_table = np.load(prefix + ".video.npy", mmap_mode="r")
+            self._vid_count, self._vid_start = self.samples["n_videos"], self.samples["video_start"]
+        else:  # written before videos existed
+            self.video_table = np.zeros(0, dtype=VIDEO_DTYPE)
+            self._vid_count = self._vid_start = np.zeros(len(self.samples), dtype=np.int64)
         if len(self.samples) == 0:
             raise ValueError(f"dataset '{prefix}' has no samples (every row rejected? see its rejects file)")
         self.ds = IndexedDataset(prefix, multimodal=True)
@@ -337,6 +386,10 @@ class IndexedSamples:
         need = int((s["image_start"].astype(np.int64) + s["n_images"]).max())
         if len(self.grids) < need:
             raise ValueError(f"{p}.grid.npy is truncated or damaged: {len(self.grids)} image grids, the sample "
+                             f"table {p}.samples.npy needs {need}")
+        need = int((np.asarray(self._vid_start, np.int64) + self._vid_count).max())
+        if len(self.video_table) < need:
+            raise ValueError(f"{p}.video.npy is truncated or damaged: {len(self.video_table)} videos, the sample "
                              f"table {p}.samples.npy needs {need}")
 
     def __len__(self) -> int:
@@ -374,6 +427,40 @@ class IndexedSamples:
         r = self.samples[i]
         return np.asarray(self.grids[r["image_start"] : r["image_start"] + r["n_images"]])
 
+    def video_records(self, i: int) -> np.ndarray:
+        """:data:`VIDEO_DTYPE` rows of sample ``i``'s videos (grid, second_per_grid, source_fps)."""
+        a = int(self._vid_start[i])
+        return np.asarray(self.video_table[a : a + int(self._vid_count[i])])
+
+    def video_grid_thw(self, i: int) -> np.ndarray:
+        """int32 ``[n_videos, 3]`` patch grids of sample ``i``'s videos."""
+        return self.video_records(i)["grid"].reshape(-1, 3)
+
+    def second_per_grid(self, i: int) -> np.ndarray:
+        """float64 ``[n_videos]``: seconds per temporal grid step of each video (``second_per_grid_ts``)."""
+        return self.video_records(i)["second_per_grid"]
+
+    def videos(self, i: int) -> list[torch.Tensor]:
+        """The stored videos of sample ``i``: uint8 ``[2t, H, W, 3]`` frame stacks (pixels) or
+        ``[t*h*w, 1176]`` patch tensors (patches), copied out of the mmap."""
+        items = self.doc_items(i)
+        first = items.start + 2 + int(self.samples[i]["n_images"])
+        out = []
+        for k, (t, h, w) in zip(range(first, items.stop), self.video_grid_thw(i)):
+            words, mode = self.ds[k]
+            if mode != MODE_VIDEO:
+                raise ValueError(f"{self.prefix}: item {k} of sample {i} has mode {mode}, expected a video")
+            out.append(self._decode_item(words, t, h, w, frames=2 * t))
+        return out
+
+    def _decode_item(self, words: np.ndarray, t: int, h: int, w: int, frames: int | None) -> torch.Tensor:
+        if self.image_format == "pixels":
+            shape = (h * 14, w * 14, 3) if frames is None else (frames, h * 14, w * 14, 3)
+            return torch.from_numpy(words.view(np.uint8).reshape(shape).copy())
+        if self.patch_dtype == "bfloat16":
+            return torch.from_numpy(words.view(np.int16).reshape(t * h * w, PATCH_DIM).copy()).view(torch.bfloat16)
+        return torch.from_numpy(words.view(np.float32).reshape(t * h * w, PATCH_DIM).copy())
+
     def images(self, i: int) -> list[torch.Tensor]:
         """The stored images of sample ``i``: uint8 ``[H, W, 3]`` tensors (pixels) or ``[P, 1176]`` patch
         tensors (patches, in the stored dtype), copied out of the mmap."""
@@ -383,13 +470,7 @@ class IndexedSamples:
             words, mode = self.ds[k]
             if mode != MODE_IMAGE:
                 raise ValueError(f"{self.prefix}: item {k} of sample {i} has mode {mode}, expected an image")
-            if self.image_format == "pixels":
-                out.append(torch.from_numpy(words.view(np.uint8).reshape(h * 14, w * 14, 3).copy()))
-            elif self.patch_dtype == "bfloat16":
-                arr = words.view(np.int16).reshape(t * h * w, PATCH_DIM).copy()
-                out.append(torch.from_numpy(arr).view(torch.bfloat16))
-            else:
-                out.append(torch.from_numpy(words.view(np.float32).reshape(t * h * w, PATCH_DIM).copy()))
+            out.append(self._decode_item(words, t, h, w, frames=None))
         return out
 
     def info(self, i: int) -> SampleInfo:

@@ -12,15 +12,16 @@ A :class:`MicroBatch` concatenates whole samples (never split) up to ``seq_lengt
 * ``loss_mask`` [T] float: 1 where ``labels[t]`` is an SFT target (assistant content and ``<|im_end|>``);
 * ``position_ids`` [3, T]: 3D M-RoPE ids, restarting at 0 for every sample (HF ``get_rope_index``);
 * ``cu_seqlens`` int32 [n+1] (+1 more when padded: padding is its own segment), ``max_seqlen``;
-* ``pixel_values`` [P, 1176], ``image_grid_thw`` [n_img, 3] of all images, sample-major, plus the vision
-  tower's metadata from the packing op (``vision_cu_seqlens``, ``window_index``, ``cu_window_seqlens``,
-  ``rot_pos_ids``);
+* ``pixel_values`` [P, 1176], ``image_grid_thw`` [n_img, 3] of all images, sample-major;
+  ``pixel_values_videos`` [Pv, 1176], ``video_grid_thw`` [n_vid, 3], ``second_per_grid_ts`` [n_vid] of all
+  videos; plus the vision tower's metadata from the packing op (``vision_cu_seqlens``, ``window_index``,
+  ``cu_window_seqlens``, ``rot_pos_ids``) for the images followed by the videos (the model's order);
 * ``sample_indices`` [n]: dataset indices, for metadata lookups (``dataset.info(i)``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Iterator
 
 import numpy as np
@@ -31,14 +32,17 @@ from m2mega.models.qwen25vl.rope_index import get_rope_index, get_rope_index_pac
 from .indexed import IndexedSamples, SampleInfo
 from .packing import SAMPLER_ORDERS, PackPlan, PromptPlan
 
-__all__ = ["IGNORE_INDEX", "MicroBatch", "RLPrompt", "PackedTHDDataset", "THDLoader", "PromptDataset"]
+__all__ = ["IGNORE_INDEX", "MicroBatch", "model_inputs", "RLPrompt", "PackedTHDDataset", "THDLoader", "PromptDataset"]
 
 IGNORE_INDEX = -100
 
 
 @dataclass
 class MicroBatch:
-    """One THD-packed micro-batch (see module docstring for the fields)."""
+    """One THD-packed micro-batch (see module docstring for the fields): the one batch type of SFT, GRPO
+    updates and forward-only passes; :func:`model_inputs` turns it into the model's arguments. GRPO fills
+    the per-sequence ``advantages``/``weights`` and per-token ``old_logp``/``ref_logp``
+    (``m2mega.train.grpo_update.pack_rollouts``); ``sample_indices`` are then rollout indices."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
@@ -46,16 +50,24 @@ class MicroBatch:
     position_ids: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
-    pixel_values: torch.Tensor | None
-    image_grid_thw: torch.Tensor
-    sample_indices: torch.Tensor
-    step: int
-    epoch: int
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
+    sample_indices: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    step: int = 0
+    epoch: int = 0
     num_padding: int = 0
     vision_cu_seqlens: torch.Tensor | None = None
     window_index: torch.Tensor | None = None
     cu_window_seqlens: torch.Tensor | None = None
     rot_pos_ids: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
+    second_per_grid_ts: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    # GRPO: per sequence (padding segment included, 0) and per token
+    advantages: torch.Tensor | None = None  # float32 [n], group-normalised
+    weights: torch.Tensor | None = None  # float32 [n], Eq. 6 weight of the sequence's group
+    old_logp: torch.Tensor | None = None  # float32 [T], pi_old (None: the policy's own, detached)
+    ref_logp: torch.Tensor | None = None  # float32 [T], the KL reference policy's
 
     @property
     def num_tokens(self) -> int:
@@ -77,6 +89,43 @@ class MicroBatch:
         return self
 
 
+def model_inputs(batch: MicroBatch, *, with_labels: bool = True, return_hidden: bool = False) -> dict:
+    """The model's keyword arguments for a THD :class:`MicroBatch` (one row of concatenated sequences):
+    ``PackedSeqParams(qkv_format="thd")`` from ``cu_seqlens``, the M-RoPE ids, images and videos, and the
+    packing op's vision metadata when the loader computed it."""
+    # megatron is imported here, not at module level: the loader's worker processes import this module and
+    # never build model inputs.
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = batch.cu_seqlens.to(torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                          max_seqlen_q=int(batch.max_seqlen), max_seqlen_kv=int(batch.max_seqlen))
+    pos = batch.position_ids
+    kwargs = {
+        "input_ids": batch.tokens.unsqueeze(0),
+        # M-RoPE ids [3, T] -> [3, 1, T] (one packed row)
+        "position_ids": pos.unsqueeze(1) if pos.dim() == 2 else pos,
+        "attention_mask": None,
+        "packed_seq_params": psp,
+    }
+    if with_labels:
+        # Non-targets carry IGNORE_INDEX; the loss mask zeroes them, the clamp keeps the cross entropy finite.
+        kwargs["labels"] = batch.labels.clamp_min(0).unsqueeze(0)
+    if return_hidden:
+        kwargs["return_hidden"] = True
+    if batch.pixel_values is not None and batch.pixel_values.numel():
+        kwargs["pixel_values"] = batch.pixel_values
+        kwargs["image_grid_thw"] = batch.image_grid_thw
+    if batch.pixel_values_videos is not None and batch.pixel_values_videos.numel():
+        kwargs["pixel_values_videos"] = batch.pixel_values_videos
+        kwargs["video_grid_thw"] = batch.video_grid_thw
+        kwargs["second_per_grid_ts"] = batch.second_per_grid_ts
+    meta = (batch.vision_cu_seqlens, batch.window_index, batch.cu_window_seqlens, batch.rot_pos_ids)
+    if ("pixel_values" in kwargs or "pixel_values_videos" in kwargs) and all(m is not None for m in meta):
+        kwargs["vision_meta"] = meta  # the packing op already computed the vision tower's metadata
+    return kwargs
+
+
 @dataclass
 class RLPrompt:
     """One unpacked prompt for rollouts: tokens up to and including ``<|im_start|>assistant\\n``."""
@@ -88,10 +137,19 @@ class RLPrompt:
     pixel_values: torch.Tensor | None
     image_grid_thw: torch.Tensor  # int64 [n_img, 3]
     info: SampleInfo  # id, answer, task, answer_type, difficulty, ...
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, dtype=torch.long))
+    second_per_grid_ts: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # float32 [n_vid]
+
+
+def _grids(arrays: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate(arrays).astype(np.int64).reshape(-1, 3)) if arrays else torch.zeros(
+        0, 3, dtype=torch.long)
 
 
 class _Images:
-    """Turns stored images into vision-tower inputs (packing op for pixels, concatenation for patches)."""
+    """Turns stored images and videos into vision-tower inputs (packing op for pixels, concatenation for
+    patches); the tower's metadata covers the images, then the videos, as the model concatenates them."""
 
     def __init__(self, data: IndexedSamples, dtype: torch.dtype, backend: str) -> None:
         self.data, self.dtype, self.backend = data, dtype, backend
@@ -102,24 +160,35 @@ class _Images:
     def __call__(self, indices) -> dict:
         from m2mega.ops.vision_pack import pack_images, vision_metadata
 
-        imgs = [im for i in indices for im in self.data.images(int(i))]
-        grids = [self.data.grid_thw(int(i)) for i in indices]
-        grid = torch.from_numpy(np.concatenate(grids).astype(np.int64)) if grids else torch.zeros(0, 3, dtype=torch.long)
-        if not imgs:
-            return {"pixel_values": None, "image_grid_thw": torch.zeros(0, 3, dtype=torch.long)}
-        if self.data.image_format == "pixels":
-            # Already at their smart-resize size: the op only normalises and patchifies.
-            p = pack_images(imgs, min_pixels=self.min_pixels, max_pixels=self.max_pixels, dtype=self.dtype,
-                            backend=self.backend)
-            if not torch.equal(p.grid_thw, grid):
-                raise ValueError(f"stored grids {grid.tolist()} != packed grids {p.grid_thw.tolist()} "
-                                 f"(dataset '{self.data.prefix}', samples {list(indices)})")
-            return {"pixel_values": p.pixel_values, "image_grid_thw": grid, "vision_cu_seqlens": p.cu_seqlens,
-                    "window_index": p.window_index, "cu_window_seqlens": p.cu_window_seqlens,
-                    "rot_pos_ids": p.rot_pos_ids}
-        cu, widx, cuw, rot = vision_metadata(grid, backend=self.backend)
-        return {"pixel_values": torch.cat(imgs).to(self.dtype), "image_grid_thw": grid, "vision_cu_seqlens": cu,
-                "window_index": widx, "cu_window_seqlens": cuw, "rot_pos_ids": rot}
+        d = self.data
+        imgs = [im for i in indices for im in d.images(int(i))]
+        vids = [v for i in indices for v in d.videos(int(i))]
+        grid = _grids([d.grid_thw(int(i)) for i in indices])
+        vgrid = _grids([d.video_grid_thw(int(i)) for i in indices])
+        sec = torch.from_numpy(np.concatenate([d.second_per_grid(int(i)) for i in indices]).astype(np.float32)) \
+            if len(indices) else torch.zeros(0)
+        out = {"pixel_values": None, "image_grid_thw": grid, "pixel_values_videos": None, "video_grid_thw": vgrid,
+               "second_per_grid_ts": sec}
+        if not imgs and not vids:
+            return out
+        n_img = int(grid.prod(-1).sum())
+        if d.image_format == "pixels":
+            # Already at their final sizes (multiples of 28): with bounds holding every size (video frames
+            # have bounds of their own), the op's smart resize is the identity: it normalises and patchifies.
+            areas = [int(a.shape[-3]) * int(a.shape[-2]) for a in imgs + vids]
+            p = pack_images(imgs + vids, min_pixels=min(areas + [self.min_pixels]),
+                            max_pixels=max(areas + [self.max_pixels]), dtype=self.dtype, backend=self.backend)
+            if not torch.equal(p.grid_thw, torch.cat([grid, vgrid])):
+                raise ValueError(f"stored grids {grid.tolist()} + {vgrid.tolist()} != packed grids "
+                                 f"{p.grid_thw.tolist()} (dataset '{d.prefix}', samples {list(indices)})")
+            pv = p.pixel_values
+            meta = (p.cu_seqlens, p.window_index, p.cu_window_seqlens, p.rot_pos_ids)
+        else:
+            pv = torch.cat(imgs + vids).to(self.dtype)
+            meta = vision_metadata(torch.cat([grid, vgrid]), backend=self.backend)
+        out.update(pixel_values=pv[:n_img] if imgs else None, pixel_values_videos=pv[n_img:] if vids else None,
+                   vision_cu_seqlens=meta[0], window_index=meta[1], cu_window_seqlens=meta[2], rot_pos_ids=meta[3])
+        return out
 
 
 class PackedTHDDataset(torch.utils.data.Dataset):
@@ -147,6 +216,7 @@ class PackedTHDDataset(torch.utils.data.Dataset):
         self.data = IndexedSamples(self.prefix)
         sp = self.data.special
         self.image_token_id, self.vision_start_token_id = sp["image_token_id"], sp["vision_start_token_id"]
+        self.video_token_id = sp["video_token_id"]
         self.pad_id = sp["pad_id"]
         samples = self.data.samples
         indices = np.flatnonzero(np.asarray(samples["is_rl"]) == 0) if a["sft_only"] else None
@@ -192,10 +262,10 @@ class PackedTHDDataset(torch.utils.data.Dataset):
             loss[total:] = 0.0
         seg = np.concatenate([[0], ends] + ([[total + pad]] if pad else []))
         vis = self._images(indices)
-        grid = vis["image_grid_thw"]
         pos, _ = get_rope_index_packed(
-            [torch.from_numpy(t.astype(np.int64)) for t in toks], grid if len(grid) else None,
-            image_token_id=self.image_token_id, vision_start_token_id=self.vision_start_token_id,
+            [torch.from_numpy(t.astype(np.int64)) for t in toks], **_rope_inputs(vis),
+            image_token_id=self.image_token_id, video_token_id=self.video_token_id,
+            vision_start_token_id=self.vision_start_token_id,
         )
         if pad:
             pos = torch.cat([pos, torch.arange(pad, dtype=torch.long).expand(3, pad)], dim=1)
@@ -205,6 +275,14 @@ class PackedTHDDataset(torch.utils.data.Dataset):
             max_seqlen=int(np.diff(seg).max()), sample_indices=torch.as_tensor(np.asarray(indices, dtype=np.int64)),
             step=step, epoch=epoch, num_padding=pad, **vis,
         )
+
+
+def _rope_inputs(vis: dict) -> dict:
+    """get_rope_index's grid arguments from :class:`_Images` output (None where there are none).
+    ``tokens_per_second`` stays at its default 2, every Qwen2.5-VL's value."""
+    grid, vgrid = vis["image_grid_thw"], vis["video_grid_thw"]
+    return {"image_grid_thw": grid if len(grid) else None, "video_grid_thw": vgrid if len(vgrid) else None,
+            "second_per_grid_ts": vis["second_per_grid_ts"] if len(vgrid) else None}
 
 
 class _StepSampler(torch.utils.data.Sampler):
@@ -268,6 +346,7 @@ class PromptDataset:
         self.data = IndexedSamples(prefix)
         sp = self.data.special
         self.image_token_id, self.vision_start_token_id = sp["image_token_id"], sp["vision_start_token_id"]
+        self.video_token_id = sp["video_token_id"]
         s = self.data.samples
         idx = np.flatnonzero(np.asarray(s["is_rl"]) == 1) if rl_only else np.arange(len(s))
         if len(idx) == 0:
@@ -283,11 +362,14 @@ class PromptDataset:
         info = self.data.info(i)
         toks = torch.from_numpy(self.data.tokens(i)[: info.prompt_len].astype(np.int64))
         vis = self._images([i])
-        grid = vis["image_grid_thw"]
-        pos, delta = get_rope_index(toks, grid if len(grid) else None, image_token_id=self.image_token_id,
+        r = _rope_inputs(vis)
+        pos, delta = get_rope_index(toks, r.pop("image_grid_thw"), **r, image_token_id=self.image_token_id,
+                                    video_token_id=self.video_token_id,
                                     vision_start_token_id=self.vision_start_token_id, sample_index=i)
         return RLPrompt(index=i, prompt_tokens=toks, position_ids=pos, rope_delta=delta,
-                        pixel_values=vis["pixel_values"], image_grid_thw=grid, info=info)
+                        pixel_values=vis["pixel_values"], image_grid_thw=vis["image_grid_thw"], info=info,
+                        pixel_values_videos=vis["pixel_values_videos"], video_grid_thw=vis["video_grid_thw"],
+                        second_per_grid_ts=vis["second_per_grid_ts"])
 
     def prompts(self, step: int) -> list[RLPrompt]:
         return [self.prompt(int(i)) for i in self.plan.prompts(step)]

@@ -4,9 +4,10 @@ Pipeline (memory stays bounded whatever the input size):
 
 1. The main process scans each input for the byte offset of every ``chunk_size``-th line (one pass, only
    the offsets are kept) and hands chunks to ``--workers`` processes.
-2. A worker validates each row (:mod:`.schema`), decodes and resizes its images (:mod:`.images`), renders
-   the chat template (:mod:`.chat_template`), tokenises, expands every ``<|image_pad|>`` to the image's
-   vision-token count, builds the loss spans, and writes its chunk as a small shard dataset on disk. Bad
+2. A worker validates each row (:mod:`.schema`), decodes and resizes its images (:mod:`.images`) and
+   samples its videos (:mod:`.video`), renders the chat template (:mod:`.chat_template`), tokenises,
+   expands every ``<|image_pad|>`` / ``<|video_pad|>`` to its vision-token count, builds the loss spans,
+   and writes its chunk as a small shard dataset on disk (one row's frames in memory at a time). Bad
    rows become reject records (file, line, id, reason); they never stop the run.
 3. The main process appends finished shards in chunk order (megatron-core ``add_index``) and streams the
    rejects, in input order, to the reject file. Chunks are fixed by line count, not by worker, so the
@@ -29,7 +30,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Iterator
 
 import numpy as np
@@ -37,10 +38,11 @@ import numpy as np
 from .chat_template import DEFAULT_SYSTEM_PROMPT, render_segments, with_system_prompt
 from .dataset_meta import tokenizer_record
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, IMAGE_FORMATS, grid_of, load_image, vision_tokens
-from .indexed import EncodedSample, IndexedSamples, SampleWriter, dataset_files
+from .indexed import VIDEO_DTYPE, EncodedSample, IndexedSamples, SampleWriter, dataset_files
 from .ordering import ORDERS, curriculum_order, shuffle_order
 from .schema import RejectError, Row, parse_row, reason_code
 from .tokenizer import M2Tokenizer, build_tokenizer
+from .video import VIDEO_DEFAULTS, VideoOptions, load_video
 
 __all__ = ["ConfigError", "PreprocessConfig", "PreprocessResult", "encode_row", "preprocess", "loss_spans_from_mask"]
 
@@ -61,6 +63,11 @@ class PreprocessConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     image_format: str = "pixels"  # "pixels": resized uint8; "patches": pack_images pixel_values
     patch_dtype: str = "bfloat16"  # patches only: float32 | bfloat16
+    # Defaults for video parts that do not set their own (see m2mega.data.video).
+    video_fps: float = VIDEO_DEFAULTS.fps
+    video_max_frames: int = VIDEO_DEFAULTS.max_frames
+    video_min_pixels: int = VIDEO_DEFAULTS.min_pixels
+    video_max_pixels: int = VIDEO_DEFAULTS.max_pixels
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT  # None: Qwen's default "You are a helpful assistant."
     order: str = "input"
     seed: int = 1234
@@ -82,6 +89,35 @@ class PreprocessConfig:
             raise ConfigError(f"need 0 < --min-pixels <= --max-pixels, got {self.min_pixels}, {self.max_pixels}")
         if self.seq_length < 1 or self.workers < 1 or self.chunk_size < 1:
             raise ConfigError("--seq-length, --workers and --chunk-size must be >= 1")
+        if not (0 < self.video_fps <= 1000) or self.video_max_frames < 2:
+            raise ConfigError(f"need 0 < --video-fps <= 1000 and --video-max-frames >= 2, got {self.video_fps}, "
+                              f"{self.video_max_frames}")
+        if not 0 < self.video_min_pixels <= self.video_max_pixels:
+            raise ConfigError(f"need 0 < --video-min-pixels <= --video-max-pixels, got {self.video_min_pixels}, "
+                              f"{self.video_max_pixels}")
+
+    @classmethod
+    def like(cls, stored: dict, **overrides) -> "PreprocessConfig":
+        """Settings that render prompts as a dataset was rendered, from its ``meta.json["config"]``
+        (sequence length, pixel bounds, video defaults, system prompt, storage), in input order with no
+        progress bar; ``overrides`` (the tokenizer, ...) on top. A setting older datasets lack keeps its
+        default."""
+        kept = {f.name for f in fields(cls)} - {"order", "seed", "min_quality", "workers", "chunk_size",
+                                                "max_reject_fraction", "progress"}
+        kw = {k: v for k, v in stored.items() if k in kept}
+        kw.update(order="input", progress=False, max_reject_fraction=1.0)
+        kw.update(overrides)
+        return cls(**kw)
+
+    def video_options(self) -> VideoOptions:
+        """Settings for video parts that do not set their own."""
+        return VideoOptions(fps=self.video_fps, max_frames=self.video_max_frames,
+                            min_pixels=self.video_min_pixels, max_pixels=self.video_max_pixels)
+
+    def video_total_pixels(self) -> float:
+        """qwen-vl-utils' frames x pixels cap, ``MODEL_SEQ_LEN * 28 * 28 * 0.9``, with --seq-length as
+        ``MODEL_SEQ_LEN`` (qwen-vl-utils' default is 128000)."""
+        return self.seq_length * 28 * 28 * 0.9
 
 
 @dataclass
@@ -93,6 +129,7 @@ class PreprocessResult:
     rejected: int = 0
     tokens: int = 0
     images: int = 0
+    videos: int = 0
     reject_reasons: dict = field(default_factory=dict)
     seconds: float = 0.0
     workers: int = 1
@@ -124,13 +161,14 @@ def _check_structure(ids: np.ndarray, is_img: np.ndarray, msgs: list[dict], row:
     """Special-token strings typed into the text (a fake ``<|im_end|>``, a stray ``<|image_pad|>``) would
     be tokenised as the real tokens and corrupt the turn structure or the image alignment: reject them."""
     turns = len(msgs) + (msgs[0]["role"] != "system") + row.is_rl
+    n_vis = len(row.image_paths) + len(row.videos)
     counts = {
         "<|im_start|>": (int((ids == tok.im_start_id).sum()), turns),
         "<|im_end|>": (int((ids == tok.im_end_id).sum()), turns - row.is_rl),
         "<|image_pad|>": (int(is_img.sum()), len(row.image_paths)),
-        "<|vision_start|>": (int((ids == tok.vision_start_token_id).sum()), len(row.image_paths)),
-        "<|vision_end|>": (int((ids == tok.vision_end_token_id).sum()), len(row.image_paths)),
-        "<|video_pad|>": (int((ids == tok.video_token_id).sum()), 0),
+        "<|vision_start|>": (int((ids == tok.vision_start_token_id).sum()), n_vis),
+        "<|vision_end|>": (int((ids == tok.vision_end_token_id).sum()), n_vis),
+        "<|video_pad|>": (int((ids == tok.video_token_id).sum()), len(row.videos)),
         "<|endoftext|>": (int((ids == tok.endoftext_id).sum()), 0),
     }
     bad = [f"{k} x{got} (expected {want})" for k, (got, want) in counts.items() if got != want]
@@ -170,7 +208,8 @@ def _reject_surely_too_long(segments, tok: M2Tokenizer, seq_length: int) -> None
 
 
 def encode_row(row: Row, tok: M2Tokenizer, cfg: PreprocessConfig, file: int = 0, line: int = 0) -> EncodedSample:
-    """Validated row -> stored sample (tokens, loss spans, images); :class:`RejectError` when it cannot be."""
+    """Validated row -> stored sample (tokens, loss spans, images, videos); :class:`RejectError` when it
+    cannot be."""
     if cfg.order == "curriculum" and math.isnan(row.difficulty):
         raise RejectError("missing_difficulty", "--order curriculum needs a 'difficulty' on every row")
     if cfg.min_quality is not None:
@@ -188,6 +227,8 @@ def encode_row(row: Row, tok: M2Tokenizer, cfg: PreprocessConfig, file: int = 0,
     grids = np.asarray([grid_of(a.shape[0], a.shape[1]) for a in pixels], dtype=np.int32).reshape(-1, 3)
     reps = np.ones(len(ids), dtype=np.int64)
     reps[is_img] = [vision_tokens(g) for g in grids]
+    videos, video_info = _videos(row, cfg, budget=cfg.seq_length - int(reps.sum()) + len(row.videos))
+    reps[ids == tok.video_token_id] = [vision_tokens(g) for g in video_info["grid"]]
     total = int(reps.sum())
     if total > cfg.seq_length:
         raise RejectError("too_long", f"{total} tokens > --seq-length {cfg.seq_length}")
@@ -195,19 +236,34 @@ def encode_row(row: Row, tok: M2Tokenizer, cfg: PreprocessConfig, file: int = 0,
     mask = np.repeat(mask, reps)
     if row.is_rl:
         mask[:] = False  # RL prompts carry no SFT targets
-    if cfg.image_format == "pixels":
-        images = pixels
-    else:
-        images = _patches(pixels, grids, cfg)
+    if cfg.image_format == "patches":
+        pixels = _patches(pixels, grids, cfg)
+        videos = _patches(videos, video_info["grid"], cfg)
     return EncodedSample(
-        tokens=tokens, loss_spans=loss_spans_from_mask(mask), images=images, grids=grids, id=row.id,
+        tokens=tokens, loss_spans=loss_spans_from_mask(mask), images=pixels, grids=grids, id=row.id,
         answer=row.answer, task=row.task, answer_type=row.answer_type, difficulty=row.difficulty,
-        quality=row.quality, is_rl=row.is_rl, file=file, line=line,
+        quality=row.quality, is_rl=row.is_rl, file=file, line=line, videos=videos, video_info=video_info,
     )
 
 
+def _videos(row: Row, cfg: PreprocessConfig, budget: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each video's frames (uint8 [T, H, W, 3]) and its VIDEO_DTYPE record. ``budget``: the tokens the
+    videos may take (--seq-length minus all other tokens), so an over-long video is rejected before its
+    frames are decoded."""
+    info = np.zeros(len(row.videos), dtype=VIDEO_DTYPE)
+    out = []
+    for k, spec in enumerate(row.videos):
+        v = load_video(spec, cfg.video_options(), total_pixels=cfg.video_total_pixels(), max_tokens=budget,
+                       threads=_STATE.get("video_threads", 0))
+        out.append(v.frames)
+        info[k] = (v.grid, v.second_per_grid, v.source_fps)
+        budget -= vision_tokens(v.grid)
+    return out, info
+
+
 def _patches(pixels: list[np.ndarray], grids: np.ndarray, cfg: PreprocessConfig) -> list[np.ndarray]:
-    """pixel_values of each (already resized) image via the vision packing op; bf16 kept as raw int16."""
+    """pixel_values of each (already resized) image or frame stack via the vision packing op; bf16 kept
+    as raw int16."""
     if not pixels:
         return []
     import torch
@@ -215,8 +271,10 @@ def _patches(pixels: list[np.ndarray], grids: np.ndarray, cfg: PreprocessConfig)
     from m2mega.ops.vision_pack import pack_images
 
     dtype = torch.bfloat16 if cfg.patch_dtype == "bfloat16" else torch.float32
-    packed = pack_images([torch.from_numpy(p) for p in pixels], min_pixels=cfg.min_pixels,
-                         max_pixels=cfg.max_pixels, dtype=dtype)
+    # Bounds that hold every (final, 28-multiple) size, so the op's smart resize is the identity.
+    areas = [a.shape[-3] * a.shape[-2] for a in pixels]
+    packed = pack_images([torch.from_numpy(p) for p in pixels], min_pixels=min(areas), max_pixels=max(areas),
+                         dtype=dtype)
     pv = packed.pixel_values.view(torch.int16) if dtype == torch.bfloat16 else packed.pixel_values
     sizes = [int(t * h * w) for t, h, w in grids]
     return [c.numpy() for c in pv.split(sizes)]
@@ -237,6 +295,7 @@ def _init_worker(cfg: PreprocessConfig, single_thread: bool = True) -> None:
         import torch
 
         torch.set_num_threads(1)
+        _STATE["video_threads"] = 1
     _STATE["cfg"] = cfg
     _STATE["tok"] = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)
 
@@ -372,7 +431,7 @@ def preprocess(
             pool.close()
             pool.join()
             pool = None
-        res.tokens, res.images = merged.num_tokens, merged._n_images
+        res.tokens, res.images, res.videos = merged.num_tokens, merged._n_images, merged._n_videos
         res.reject_reasons = dict(sorted(reasons.items()))
         res.reject_fraction = res.rejected / max(res.rows, 1)
         res.exceeded = res.reject_fraction > cfg.max_reject_fraction

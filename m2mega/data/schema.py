@@ -5,12 +5,14 @@ One sample per line::
     {"id": "geo-0001",
      "messages": [{"role": "system" | "user" | "assistant",
                    "content": "text" | [{"type": "image", "image": "imgs/a.png"}, {"type": "text", "text": "..."}]}],
+                   # a user turn may also hold {"type": "video", "video": "clip.mp4" | ["f0.jpg", ...], "fps": 2, ...}
      "answer": "12", "task": "math", "answer_type": "choice" | "number" | "text" | "math",
      "difficulty": 0.4,   # optional, in [0, 1]
      "quality": 0.9}      # optional
 
 SFT rows end with an assistant turn (``<think>…</think><answer>…</answer>``); RL rows end with a user
-turn and must carry ``answer``. Image paths are absolute or relative to the JSONL file.
+turn and must carry ``answer``. Image and video paths are absolute or relative to the JSONL file; video
+parts are validated by :func:`m2mega.data.video.parse_video_part`.
 
 :func:`parse_row` raises :class:`RejectError` whose ``reason`` is a short machine-readable code
 (``malformed_json``, ``bad_unicode``, ``missing_field``, ``bad_field``, ``unknown_answer_type``,
@@ -50,7 +52,8 @@ def reason_code(reason: str) -> str:
 @dataclass
 class Row:
     """A validated input row. ``messages`` keep the input structure with image paths resolved to absolute
-    paths; ``image_paths`` lists them in order of appearance. ``is_rl``: the row ends at a user turn."""
+    paths; ``image_paths`` lists them in order of appearance, ``videos`` the video parts
+    (:class:`~m2mega.data.video.VideoSpec`). ``is_rl``: the row ends at a user turn."""
 
     id: str
     messages: list[dict]
@@ -61,6 +64,7 @@ class Row:
     quality: float = math.nan
     image_paths: list[str] = field(default_factory=list)
     is_rl: bool = False
+    videos: list = field(default_factory=list)
 
 
 def _number(obj: dict, key: str, lo: float | None, hi: float | None) -> float:
@@ -85,10 +89,12 @@ def _string(obj: dict, key: str, required: bool = True) -> str:
     return v
 
 
-def _messages(raw: Any, base_dir: str) -> tuple[list[dict], list[str]]:
+def _messages(raw: Any, base_dir: str) -> tuple[list[dict], list[str], list]:
+    from .video import parse_video_part  # here: video.py imports this module
+
     if not isinstance(raw, list) or not raw:
         raise RejectError("bad_field", "'messages' must be a non-empty list")
-    out, paths = [], []
+    out, paths, videos = [], [], []
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
             raise RejectError("bad_message", f"messages[{i}] is not an object")
@@ -118,12 +124,17 @@ def _messages(raw: Any, base_dir: str) -> tuple[list[dict], list[str]]:
                 path = path if os.path.isabs(path) else os.path.normpath(os.path.join(base_dir, path))
                 paths.append(path)
                 parts.append({"type": "image", "image": path})
+            elif kind == "video":
+                if role != "user":
+                    raise RejectError("bad_message", f"{where}: videos are only supported in user turns")
+                videos.append(parse_video_part(p, base_dir, where))
+                parts.append({"type": "video", "video": videos[-1].source})
             elif kind == "text":
                 if not isinstance(p.get("text"), str):
                     raise RejectError("bad_message", f"{where}: text part needs a string 'text'")
                 parts.append({"type": "text", "text": p["text"]})
             else:
-                raise RejectError("bad_message", f"{where}: unknown part type {kind!r} (image|text)")
+                raise RejectError("bad_message", f"{where}: unknown part type {kind!r} (image|video|text)")
         if role == "assistant":
             # Assistant turns are training targets: flatten to text (images there are rejected above).
             out.append({"role": role, "content": "".join(p["text"] for p in parts)})
@@ -134,7 +145,7 @@ def _messages(raw: Any, base_dir: str) -> tuple[list[dict], list[str]]:
         raise RejectError("bad_message", "conversation has no user turn")
     if not any(m["role"] == "user" for m in out):
         raise RejectError("bad_message", "conversation has no user turn")
-    return out, paths
+    return out, paths, videos
 
 
 def _check_answer(answer: str, answer_type: str) -> None:
@@ -193,7 +204,7 @@ def _validate(obj: dict, base_dir: str) -> Row:
         raise RejectError("bad_field", f"'id' must be a non-empty string, got {rid!r}")
     if "messages" not in obj:
         raise RejectError("missing_field", "'messages'")
-    messages, paths = _messages(obj["messages"], base_dir)
+    messages, paths, videos = _messages(obj["messages"], base_dir)
     task = _string(obj, "task")
     if not task:
         raise RejectError("bad_field", "'task' is empty")
@@ -216,4 +227,5 @@ def _validate(obj: dict, base_dir: str) -> Row:
         quality=_number(obj, "quality", None, None),
         image_paths=paths,
         is_rl=is_rl,
+        videos=videos,
     )

@@ -10,6 +10,8 @@ measure    spatial    number       distance between two dots, or width of a bar,
                                    (a metric estimate: the RL reward is EDNM)
 compare    spatial    choice       which of two shapes (A left, B right) has the larger area
 arith      general    number/math  sum, difference, product or quotient (a fraction) of numbers drawn in boxes
+order      spatial    choice       (video) in which order do the shapes appear; 2-4 shapes, one per 2-frame
+                                   step, in a 2 fps H.264 clip (opt in: not in the default ``FAMILIES``)
 =========  =========  ===========  ==========================================================================
 
 Difficulty in [0, 1] comes from the parameters (more shapes and look-alike distractors; diagonal distances
@@ -26,6 +28,7 @@ whose question and parameters repeat an eval sample are redrawn, so the held-out
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -34,11 +37,16 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Callable, Sequence
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["FAMILIES", "SPLITS", "Sample", "generate", "to_row", "write_dataset", "COLORS"]
+__all__ = ["FAMILIES", "VIDEO_FAMILIES", "ALL_FAMILIES", "SPLITS", "Sample", "generate", "to_row",
+           "write_dataset", "COLORS"]
 
-FAMILIES = ("count", "measure", "compare", "arith")
+FAMILIES = ("count", "measure", "compare", "arith")  # the default (image) families
+VIDEO_FAMILIES = ("order",)
+ALL_FAMILIES = FAMILIES + VIDEO_FAMILIES
+VIDEO_FPS = 2.0  # the clips' frame rate, which is also the sampling rate: every frame is used
 SPLITS = ("sft", "rl", "eval")
 COLORS = {"red": (230, 0, 0), "blue": (0, 70, 230), "green": (0, 160, 0), "orange": (255, 140, 0),
           "purple": (140, 0, 200)}
@@ -60,11 +68,22 @@ class Sample:
     size: int
     params: dict = field(default_factory=dict)
     draw: Callable[[ImageDraw.ImageDraw], None] | None = None
+    frames: int = 0  # > 0: a video family; draw_frame(d, k) draws frame k
+    draw_frame: Callable[[ImageDraw.ImageDraw, int], None] | None = None
 
     def render(self) -> Image.Image:
         img = Image.new("RGB", (self.size, self.size), WHITE)
         self.draw(ImageDraw.Draw(img))
         return img
+
+    def render_frames(self) -> list[Image.Image]:
+        """The video's frames (video families)."""
+        out = []
+        for k in range(self.frames):
+            img = Image.new("RGB", (self.size, self.size), WHITE)
+            self.draw_frame(ImageDraw.Draw(img), k)
+            out.append(img)
+        return out
 
     def signature(self) -> str:
         """What makes two samples the same question (used to keep eval samples out of training)."""
@@ -295,7 +314,43 @@ def _arith(rng: random.Random) -> Sample:
     return Sample("arith", "general", atype, q, answer, steps, difficulty, size, {"op": op, "nums": nums}, draw)
 
 
-_GENERATORS = {"count": _count, "measure": _measure, "compare": _compare, "arith": _arith}
+def _order(rng: random.Random) -> Sample:
+    size = 56
+    n = rng.randint(2, 4)
+    kinds = [(c, rng.choice(KINDS)) for c in rng.sample(sorted(COLORS), n)]  # one colour per shape
+    steps = n + rng.randint(0, 2)  # one step = 2 frames = one temporal patch of the vision tower
+    appear = sorted(rng.sample(range(steps), n))
+    cells = rng.sample(range(4), n)  # one shape per 28 px quadrant: shapes never overlap
+    boxes = []
+    for c in cells:
+        s = rng.randint(14, 22)
+        x, y = (c % 2) * 28 + rng.randint(2, 26 - s), (c // 2) * 28 + rng.randint(2, 26 - s)
+        boxes.append((x, y, x + s - 1, y + s - 1))
+    names = [f"{c} {k}" for c, k in kinds]
+    perms = list(itertools.permutations(range(n)))
+    rng.shuffle(perms)
+    options = [list(range(n))] + [list(p) for p in perms if list(p) != list(range(n))][:3]
+    rng.shuffle(options)
+    letter = "ABCD"[options.index(list(range(n)))]
+    lines = [f"{'ABCD'[j]}. " + ", ".join(names[i] for i in opt) for j, opt in enumerate(options)]
+    question = ("The video shows shapes appearing one after another. In which order do they appear?\n"
+                + "\n".join(lines) + "\nAnswer with the option's letter.")
+    sec = 2 / VIDEO_FPS
+    seen = "; ".join(f"at {t * sec:.1f} s the {name} appears" for t, name in zip(appear, names))
+    steps_text = f"{seen[0].upper()}{seen[1:]}. So the order is {', '.join(names)}: option {letter}."
+    gaps = min((b - a for a, b in zip(appear, appear[1:])), default=1)
+    difficulty = min(1.0, 0.35 * (n - 2) + 0.3 * (gaps == 1) + 0.05 * (steps - n))
+
+    def draw_frame(d, k):
+        for (color, kind), box, t in zip(kinds, boxes, appear):
+            if k // 2 >= t:
+                _shape(d, kind, box, COLORS[color])
+
+    return Sample("order", "spatial", "choice", question, letter, steps_text, difficulty, size,
+                  {"shapes": names, "appear": appear, "boxes": boxes, "steps": steps}, None, 2 * steps, draw_frame)
+
+
+_GENERATORS = {"count": _count, "measure": _measure, "compare": _compare, "arith": _arith, "order": _order}
 
 
 # ----------------------------------------------------------------------------------------- rows
@@ -304,7 +359,7 @@ _GENERATORS = {"count": _count, "measure": _measure, "compare": _compare, "arith
 def generate(family: str, seed: int, split: str, index: int, attempt: int = 0) -> Sample:
     """One sample; the same arguments always give the same sample."""
     if family not in _GENERATORS:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        raise ValueError(f"unknown family {family!r}; expected one of {ALL_FAMILIES}")
     s = _GENERATORS[family](random.Random(f"{seed}:{split}:{index}:{attempt}"))
     s.difficulty = round(float(s.difficulty), 3)
     return s
@@ -318,12 +373,15 @@ def brief_reasoning(reasoning: str) -> str:
 
 def to_row(sample: Sample, sample_id: str, image_path: str, with_assistant: bool, reasoning: str = "full") -> dict:
     """The JSONL row (schema of ``m2mega.data.schema``); SFT rows end with the assistant turn, whose
-    ``<think>`` holds the worked reasoning (``reasoning="full"``) or its conclusion only (``"brief"``)."""
+    ``<think>`` holds the worked reasoning (``reasoning="full"``) or its conclusion only (``"brief"``).
+    ``image_path`` is the clip's path for a video family (frames kept at their drawn size)."""
     if reasoning not in ("full", "brief"):
         raise ValueError(f"reasoning must be 'full' or 'brief', got {reasoning!r}")
     think = sample.reasoning if reasoning == "full" else brief_reasoning(sample.reasoning)
-    messages = [{"role": "user", "content": [{"type": "image", "image": image_path},
-                                             {"type": "text", "text": sample.question}]}]
+    px = sample.size * sample.size
+    visual = ({"type": "video", "video": image_path, "min_pixels": px, "max_pixels": px} if sample.frames
+              else {"type": "image", "image": image_path})
+    messages = [{"role": "user", "content": [visual, {"type": "text", "text": sample.question}]}]
     if with_assistant:
         messages.append({"role": "assistant",
                          "content": f"<think>{think}</think><answer>{sample.answer}</answer>"})
@@ -333,13 +391,14 @@ def to_row(sample: Sample, sample_id: str, image_path: str, with_assistant: bool
 
 def write_dataset(out_dir: str, *, n_sft: int, n_rl: int, n_eval: int, seed: int = 1234,
                   families: Sequence[str] = FAMILIES, reasoning: str = "full") -> dict:
-    """Write ``sft.jsonl``, ``rl.jsonl``, ``eval.jsonl``, ``images/`` and ``manifest.json`` under ``out_dir``.
+    """Write ``sft.jsonl``, ``rl.jsonl``, ``eval.jsonl``, ``images/`` (``videos/`` for video families) and
+    ``manifest.json`` under ``out_dir``.
 
     Families rotate by sample index, so every split holds them in equal shares. Returns the manifest.
     """
     unknown = [f for f in families if f not in _GENERATORS]
     if unknown or not families:
-        raise ValueError(f"unknown families {unknown}; expected a non-empty subset of {FAMILIES}")
+        raise ValueError(f"unknown families {unknown}; expected a non-empty subset of {ALL_FAMILIES}")
     for name, n in (("n_sft", n_sft), ("n_rl", n_rl), ("n_eval", n_eval)):
         if n < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
@@ -361,8 +420,16 @@ def write_dataset(out_dir: str, *, n_sft: int, n_rl: int, n_eval: int, seed: int
                 if split == "eval":
                     held_out.add(s.signature())
                 sid = f"{split}-{i:06d}"
-                rel = f"images/{sid}.png"
-                s.render().save(os.path.join(out_dir, rel), format="PNG")
+                if s.frames:
+                    from .video import encode_video
+
+                    rel = f"videos/{sid}.mp4"
+                    os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
+                    encode_video(os.path.join(out_dir, rel), np.stack([np.asarray(f) for f in s.render_frames()]),
+                                 VIDEO_FPS)
+                else:
+                    rel = f"images/{sid}.png"
+                    s.render().save(os.path.join(out_dir, rel), format="PNG")
                 row = to_row(s, sid, rel, with_assistant=split == "sft", reasoning=reasoning)
                 f.write(json.dumps(row, sort_keys=True) + "\n")
                 counts[fam] = counts.get(fam, 0) + 1

@@ -74,19 +74,17 @@ def _preprocess_config(cfg):
     meta = read_dataset_meta(cfg.data.train_prefix)
     pc = meta["config"]
     tok_path = dataset_tokenizer_path(cfg.data.train_prefix, meta, cfg.data.tokenizer)
-    return PreprocessConfig(tokenizer_type=meta["tokenizer_type"], tokenizer_model=tok_path,
-                            seq_length=pc["seq_length"], min_pixels=pc["min_pixels"], max_pixels=pc["max_pixels"],
-                            system_prompt=pc["system_prompt"], order="input", progress=False,
-                            max_reject_fraction=1.0)
+    return PreprocessConfig.like(pc, tokenizer_type=meta["tokenizer_type"], tokenizer_model=tok_path)
 
 
 def _write_rows(items, work: str) -> str:
-    """The items as m2mega RL rows (JSONL), image bytes written to files; returns the JSONL path."""
+    """The items as m2mega RL rows (JSONL), image bytes written to files, a video item's video part before
+    its images; returns the JSONL path."""
     os.makedirs(os.path.join(work, "img"), exist_ok=True)
     path = os.path.join(work, "prompts.jsonl")
     with open(path, "w", encoding="utf-8") as f:
         for i, it in enumerate(items):
-            content = []
+            content = [{"type": "video", **it.video}] if it.video else []
             for k, img in enumerate(it.images):
                 if isinstance(img, bytes):
                     p = os.path.join(work, "img", f"{i}_{k}" + (".png" if img[:4] == b"\x89PNG" else ".jpg"))
@@ -118,8 +116,9 @@ def generate_responses(items, cfg, checkpoint: Optional[str], *, work_dir: str, 
     from m2mega.rewards import RewardConfig
     from m2mega.train import vlm
 
-    from .held_out import evaluate_prompts
-    from .run import load_policy, prefix_prompts, stop_token_ids
+    from m2mega.rl.prompts import prefix_prompts, stop_token_ids
+    from m2mega.rl.validation import evaluate_prompts
+    from m2mega.train.families import load_policy
 
     rank = dist.get_rank()
     pre = _preprocess_config(cfg)
@@ -173,6 +172,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--pp", type=int, help="pipeline parallel size (default: the config's)")
     p.add_argument("--limit", type=int, help="only the first K samples (a smoke run; scores are not official)")
     p.add_argument("--frames-dir", help="VSI-Bench: extracted video frames, FRAMES/<dataset>/<scene_name>/*.jpg")
+    p.add_argument("--video-dir", help="VSI-Bench: the release's videos, VIDEOS/<dataset>/<scene_name>.mp4, fed as "
+                   "videos (2 fps, at most --num-frames frames)")
     p.add_argument("--num-frames", type=int, default=32, help="VSI-Bench: frames sampled per video")
     p.add_argument("--prompt-field", default="query_wo", help="MathVerse: which prompt field to use")
     p.add_argument("--judge", help="MathVerse: module:function or file.py:function, judge(question, answer, response) -> bool")
@@ -187,7 +188,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     spec = get(args.benchmark)
     try:  # inputs first: a bad file or flag fails in seconds, before process groups and the model
-        items = spec.load(args.data, frames_dir=args.frames_dir, num_frames=args.num_frames, prompt=args.prompt_field)
+        items = spec.load(args.data, frames_dir=args.frames_dir, video_dir=args.video_dir, num_frames=args.num_frames,
+                          prompt=args.prompt_field)
         scorer = mathverse.make_score(load_judge(args.judge)) if args.judge else None
         cfg, ckpt = _resolve_model(args.checkpoint, args.model_config, overrides)
         _preprocess_config(cfg)
@@ -204,8 +206,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     par = dataclasses.replace(cfg.parallel, tp=args.tp or cfg.parallel.tp, pp=args.pp or cfg.parallel.pp)
     cfg = dataclasses.replace(cfg, parallel=par)
     out = args.out or f"bench_{spec.name}.jsonl"
-    backend = None if par.backend == "auto" else par.backend
-    rt.init(par.tp, par.pp, backend=backend, seed=cfg.seed, timeout_s=par.timeout_s)
+    rt.init_from_config(cfg)
     try:
         responses = generate_responses(
             items, cfg, ckpt, work_dir=os.path.dirname(os.path.abspath(out)),
@@ -213,6 +214,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             progress=not args.no_progress, desc=spec.name)
         if dist.get_rank() == 0:
             rejected = sum(r is None for r in responses)
+            if spec.name in ("mathvision", "mathverse"):  # free-form answers go through math_equal's worker
+                from m2mega.rewards.sandbox import warm_up
+
+                warm_up()
             scored, agg = score_all(spec, items, [r or "" for r in responses], score=scorer)
             with open(out, "w", encoding="utf-8") as f:
                 for rec, r, it in zip(scored, responses, items):

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from m2mega.rewards import extract_answer, parse_number
+from m2mega.rl.tables import format_table  # one table format for validation and benchmarks
 
 __all__ = [
     "MRA_THRESHOLDS",
@@ -97,22 +98,6 @@ def aggregate(records: Iterable[Mapping[str, Any]], by: str = "task", metrics: S
 
 def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float, np.floating, np.integer))  # bool is an int: 0/1 flags average fine
-
-
-def format_table(table: Mapping[str, Mapping[str, float]], metrics: Sequence[str] | None = None, digits: int = 4) -> str:
-    """A markdown table of :func:`aggregate`'s output (rows: groups; columns: n and the metrics)."""
-    if metrics is None:
-        seen: list[str] = []
-        for d in table.values():
-            seen += [k for k in d if k != "n" and not k.startswith("n_") and k not in seen]
-        metrics = seen
-    head = "| group | n | " + " | ".join(metrics) + " |"
-    sep = "| --- | ---: | " + " | ".join("---:" for _ in metrics) + " |"
-    lines = [head, sep]
-    for grp, d in table.items():
-        cells = [f"{d[m]:.{digits}f}" if m in d else "" for m in metrics]
-        lines.append(f"| {grp} | {int(d.get('n', 0))} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def benchmark_averages(scores: Mapping[str, float], groups: Mapping[str, Sequence[str]]) -> dict[str, float]:

@@ -16,34 +16,7 @@ import json
 import sys
 from typing import Optional
 
-__all__ = ["evaluate_checkpoint", "load_policy", "prefix_prompts", "stop_token_ids", "main"]
-
-
-def load_policy(cfg, checkpoint: Optional[str]):
-    """This rank's stage of ``cfg``'s model family with ``checkpoint``'s weights (a checkpoint or a save
-    root; None: the same seeded init as training's, the "before training" baseline)."""
-    from m2mega.train.checkpoint import load_model_weights
-    from m2mega.train.families import get_model_family
-    from m2mega.train.loop import seed_everything
-
-    seed_everything(cfg.seed)
-    model = get_model_family(cfg.model.family).provider(cfg)
-    if checkpoint:
-        load_model_weights(checkpoint, [model])
-    return model
-
-
-def prefix_prompts(prefix: str) -> list:
-    """Every RL prompt of a preprocessed prefix, in stored order."""
-    from m2mega.data.loader import PromptDataset
-
-    ds = PromptDataset(prefix, 1, order="sequential")
-    return [ds.prompt(int(i)) for i in ds.plan.indices]
-
-
-def stop_token_ids(tok) -> list[int]:
-    """Generation stops at the end of the assistant turn (``<|im_end|>``) or ``<|endoftext|>``."""
-    return [tok.eos_id, tok.endoftext_id]
+__all__ = ["evaluate_checkpoint", "main"]
 
 
 def evaluate_checkpoint(cfg, eval_prefix: str, checkpoint: Optional[str], *, max_new_tokens: Optional[int] = None,
@@ -52,9 +25,10 @@ def evaluate_checkpoint(cfg, eval_prefix: str, checkpoint: Optional[str], *, max
     import torch
 
     from m2mega.rewards import RewardConfig
+    from m2mega.rl.prompts import prefix_prompts, stop_token_ids
+    from m2mega.rl.validation import evaluate_prompts
     from m2mega.train import vlm
-
-    from .held_out import evaluate_prompts
+    from m2mega.train.families import load_policy
 
     model = load_policy(cfg, checkpoint)
     tok = vlm.tokenizer_from_prefix(eval_prefix)
@@ -100,8 +74,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     require_paths([("--checkpoint", ckpt)])
     if ckpt:
         check_model_config(resolve_checkpoint(ckpt), cfg)
-    backend = None if cfg.parallel.backend == "auto" else cfg.parallel.backend
-    rt.init(cfg.parallel.tp, cfg.parallel.pp, backend=backend, seed=cfg.seed, timeout_s=cfg.parallel.timeout_s)
+    rt.init_from_config(cfg)
     try:
         samples: list = []
         table = evaluate_checkpoint(cfg, args.eval_prefix, ckpt, max_new_tokens=args.max_new_tokens,

@@ -50,8 +50,8 @@ def main(argv=None) -> dict:
     import m2mega.runtime as rt
     from m2mega.inference import generate
     from m2mega.models.qwen25vl import build_model
-    from m2mega.models.qwen25vl.reference import synthetic_batch
-    from m2mega.testing.multiproc import free_port
+    from m2mega.models.qwen25vl.hf_parity import synthetic_batch
+    from m2mega.runtime.multiproc import free_port
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -35,9 +35,11 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+from m2mega.models.wrappers import unwrap_vlm
+
 from .sampling import SamplingParams, select_next_tokens
 
-__all__ = ["GenerationOutput", "generate", "unwrap_model"]
+__all__ = ["GenerationOutput", "generate"]
 
 
 @dataclass
@@ -51,19 +53,6 @@ class GenerationOutput:
     response_lengths: Tensor
     finished: Tensor
     logprobs: Optional[list[Tensor]] = None
-
-
-def unwrap_model(model):
-    """The Qwen25VLModel inside DDP / Float16Module wrappers (anything exposing ``.module``)."""
-    if isinstance(model, (list, tuple)):
-        if len(model) != 1:
-            raise NotImplementedError("generation with virtual pipeline stages (a list of model chunks)")
-        model = model[0]
-    while not hasattr(model, "language_model") and hasattr(model, "module"):
-        model = model.module
-    if not hasattr(model, "language_model"):
-        raise TypeError(f"{type(model).__name__} is not an m2mega Qwen2.5-VL model (no .language_model)")
-    return model
 
 
 @contextlib.contextmanager
@@ -110,13 +99,16 @@ def _left_pad(prompts: Sequence[Tensor], pad_token_id: int, vocab_size: int, dev
     return ids, mask
 
 
-def _collect_images(n: int, pixel_values, image_grid_thw, device) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """Per-prompt lists (entries may be None or empty) -> the batch's concatenated patches and grids, in row order."""
+def _collect_images(n: int, pixel_values, image_grid_thw, device,
+                    names: tuple[str, str] = ("pixel_values", "image_grid_thw")) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Per-prompt lists (entries may be None or empty) -> the batch's concatenated patches and grids, in row
+    order. ``names`` label errors (videos: ``("pixel_values_videos", "video_grid_thw")``)."""
     if pixel_values is None and image_grid_thw is None:
         return None, None
+    pv_name, grid_name = names
     if pixel_values is None or image_grid_thw is None or len(pixel_values) != n or len(image_grid_thw) != n:
         raise ValueError(
-            f"pixel_values and image_grid_thw must both be lists with one entry (or None) per prompt ({n} prompts)"
+            f"{pv_name} and {grid_name} must both be lists with one entry (or None) per prompt ({n} prompts)"
         )
     pv, grids = [], []
     for i, (p, g) in enumerate(zip(pixel_values, image_grid_thw)):
@@ -124,13 +116,13 @@ def _collect_images(n: int, pixel_values, image_grid_thw, device) -> tuple[Optio
         p = None if p is None or p.shape[0] == 0 else p
         g = None if g is None or g.numel() == 0 else g
         if (p is None) != (g is None):
-            raise ValueError(f"prompt {i}: pixel_values and image_grid_thw must both be given or both be None")
+            raise ValueError(f"prompt {i}: {pv_name} and {grid_name} must both be given or both be None")
         if p is None:
             continue
         g = g.reshape(-1, 3)
         if p.dim() != 2 or p.shape[0] != int(g.prod(-1).sum()):
             raise ValueError(
-                f"prompt {i}: pixel_values {tuple(p.shape)} do not match grids {g.tolist()} "
+                f"prompt {i}: {pv_name} {tuple(p.shape)} do not match grids {g.tolist()} "
                 f"({int(g.prod(-1).sum())} patches expected)"
             )
         pv.append(p)
@@ -138,6 +130,23 @@ def _collect_images(n: int, pixel_values, image_grid_thw, device) -> tuple[Optio
     if not pv:
         return None, None
     return torch.cat(pv).to(device), torch.cat(grids).to(device)
+
+
+def _collect_seconds(n: int, video_grid_thw, second_per_grid_ts) -> Optional[Tensor]:
+    """Per-prompt seconds per temporal grid step of each video -> one float32 tensor in row order (None:
+    no videos, or none given, which M-RoPE reads as 1 s)."""
+    if second_per_grid_ts is None or video_grid_thw is None:
+        return None
+    if len(second_per_grid_ts) != n:
+        raise ValueError(f"second_per_grid_ts must be a list with one entry (or None) per prompt ({n} prompts)")
+    out = []
+    for i, (g, sec) in enumerate(zip(video_grid_thw, second_per_grid_ts)):
+        k = 0 if g is None else g.reshape(-1, 3).shape[0]
+        sec = torch.zeros(0) if sec is None else torch.as_tensor(sec, dtype=torch.float32).reshape(-1)
+        if sec.numel() != k:
+            raise ValueError(f"prompt {i}: {sec.numel()} second_per_grid_ts value(s) for {k} video(s)")
+        out.append(sec)
+    return torch.cat(out) if out else None
 
 
 class _Stepper:
@@ -162,14 +171,14 @@ class _Stepper:
             self.ctx = StaticInferenceContext(max_batch_size=batch, max_sequence_length=max_len)
         self.prefix_emb: Optional[Tensor] = None  # no-cache path: embeddings of everything so far [s, b, h]
 
-    def _embed(self, ids: Tensor, pixel_values, grid) -> Tensor:
+    def _embed(self, ids: Tensor, pixel_values, grid, videos) -> Tensor:
         emb = self.lm.embedding(input_ids=ids, position_ids=None)  # [s, b, h]
-        if pixel_values is not None:
-            emb = self.model._splice_vision(emb, ids, pixel_values, grid, None, None)
+        if pixel_values is not None or videos[0] is not None:
+            emb = self.model._splice_vision(emb, ids, pixel_values, grid, *videos)
         return emb
 
     def __call__(self, new_ids: Tensor, positions: Tensor, attn_mask: Tensor, start: int,
-                 pixel_values=None, grid=None) -> Optional[Tensor]:
+                 pixel_values=None, grid=None, videos=(None, None)) -> Optional[Tensor]:
         """``new_ids [B, n]`` are the tokens at sequence indices ``start .. start+n``; ``positions`` /
         ``attn_mask`` cover indices ``0 .. start+n``."""
         from megatron.core.inference.communication_utils import (
@@ -181,7 +190,7 @@ class _Stepper:
         end = start + n
         decoder_input = None
         if self.first:
-            emb = self._embed(new_ids, pixel_values, grid)
+            emb = self._embed(new_ids, pixel_values, grid, videos)
             if self.ctx is None:
                 self.prefix_emb = emb if self.prefix_emb is None else torch.cat([self.prefix_emb, emb])
                 decoder_input = self.prefix_emb
@@ -235,6 +244,9 @@ def generate(
     *,
     pixel_values: Optional[Sequence[Optional[Tensor]]] = None,
     image_grid_thw: Optional[Sequence[Optional[Tensor]]] = None,
+    pixel_values_videos: Optional[Sequence[Optional[Tensor]]] = None,
+    video_grid_thw: Optional[Sequence[Optional[Tensor]]] = None,
+    second_per_grid_ts: Optional[Sequence[Optional[Tensor]]] = None,
     max_new_tokens: int,
     greedy: bool = False,
     temperature: float = 1.0,
@@ -253,13 +265,15 @@ def generate(
 
     ``pixel_values[i]`` / ``image_grid_thw[i]``: prompt i's image patches ``[n_patches, C*T*P*P]`` and grids
     ``[n_images, 3]`` (None for a text-only prompt); each prompt's ``<|image_pad|>`` runs must match its
-    grids. Sampling: ``greedy=True`` or ``temperature=0`` picks the argmax, else temperature / top-k /
+    grids. Videos likewise: ``pixel_values_videos[i]`` / ``video_grid_thw[i]`` and ``second_per_grid_ts[i]``
+    (seconds per temporal grid step of each of prompt i's videos: the M-RoPE time axis; default 1 s).
+    Sampling: ``greedy=True`` or ``temperature=0`` picks the argmax, else temperature / top-k /
     top-p sampling from ``generator`` (or a fresh one seeded with ``seed``; else torch's global RNG).
     Every rank of the replica must call this with the same arguments. ``suppress_token_ids`` are never
     generated (their logits are -inf before sampling): GRPO passes the vision placeholders, which a
     response must not contain (the model would look for image features for them).
     """
-    model = unwrap_model(model)
+    model = unwrap_vlm(model)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     params = SamplingParams(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -276,10 +290,13 @@ def generate(
 
     ids, mask = _left_pad(prompts, pad_token_id, model.vocab_size, dev)
     pv, grid = _collect_images(len(prompts), pixel_values, image_grid_thw, dev)
+    vpv, vgrid = _collect_images(len(prompts), pixel_values_videos, video_grid_thw, dev,
+                                 ("pixel_values_videos", "video_grid_thw"))
+    sec = _collect_seconds(len(prompts), video_grid_thw, second_per_grid_ts) if vgrid is not None else None
     B, S = ids.shape
     L = S + max_new_tokens
     # Prompt positions (HF's get_rope_index with the mask); generated token t of row b: max_b + 1 + t.
-    prompt_pos = model.compute_position_ids(ids, grid, None, mask)
+    prompt_pos = model.compute_position_ids(ids, grid, vgrid, mask, second_per_grid_ts=sec)
     row_max = prompt_pos.masked_fill(~mask.bool()[None], -1).amax(dim=(0, 2))  # [B]
     positions = torch.empty(3, B, L, dtype=torch.long, device=dev)
     positions[:, :, :S] = prompt_pos
@@ -294,7 +311,7 @@ def generate(
 
     with _inference_mode(model):
         step = _Stepper(model, B, L, use_cache)
-        logits = step(ids, positions, attn, 0, pv, grid)
+        logits = step(ids, positions, attn, 0, pv, grid, (vpv, vgrid))
         for t in range(max_new_tokens):
             tok = lp = None
             if logits is not None:

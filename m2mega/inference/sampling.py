@@ -2,6 +2,17 @@
 
 Works on full-vocabulary logits ``[B, V]`` (the generator gathers TP slices first, so every TP rank sees
 bit-identical logits and, with the same seeded generator, draws the same tokens).
+
+Two sources of randomness:
+
+- ``select_next_tokens(..., generator)``: one ``torch.Generator`` for a whole batch (``generate()``): row i's
+  draw depends on the rows before it, so results depend on how rollouts are batched;
+- :func:`select_from_streams`: the rollout engine's counter-based streams. Each sample (a prompt and its
+  member number in the group) has a 64-bit key; its t-th token uses the uniform ``splitmix64(key, t)``, and
+  the token is the inverse CDF of the filtered distribution at that uniform. Draws therefore do not depend
+  on which other rollouts share the batch, on slot order or on the batch size, and the integer hash gives
+  the same numbers on CPU and GPU. (torch has no per-row generator; one ``torch.Generator`` per row would
+  cost a call per row and step.)
 """
 
 from __future__ import annotations
@@ -11,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SamplingParams", "select_next_tokens", "filter_logits"]
+__all__ = ["SamplingParams", "select_next_tokens", "filter_logits", "stream_key", "stream_uniforms",
+           "select_from_streams"]
 
 
 @dataclass(frozen=True)
@@ -73,4 +85,67 @@ def select_next_tokens(
         logp = torch.log_softmax(scaled, -1)
         probs = filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
         tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _splitmix64(x: int) -> int:
+    """splitmix64's finaliser on a Python int (mod 2^64): the reference the tensor version is tested against."""
+    x = (x + _GOLDEN) & _MASK64
+    x = ((x ^ (x >> 30)) * _MIX1) & _MASK64
+    x = ((x ^ (x >> 27)) * _MIX2) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def stream_key(seed: int, prompt: int, member: int) -> int:
+    """The 64-bit stream key (as a signed int64) of member ``member`` of prompt ``prompt`` under ``seed``."""
+    k = _splitmix64(int(seed) & _MASK64)
+    k = _splitmix64(k ^ (int(prompt) & _MASK64))
+    return _signed(_splitmix64(k ^ (int(member) & _MASK64)))
+
+
+def _lsr(x: Tensor, s: int) -> Tensor:
+    # logical right shift of int64 (torch's >> is arithmetic)
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def stream_uniforms(keys: Tensor, steps: Tensor) -> Tensor:
+    """Uniforms in [0, 1) (float64, 53 random bits) for streams ``keys [n]`` (int64) at ``steps [n]``:
+    ``splitmix64(key + (step + 1) * golden)``. Integer ops only, so every device gives the same bits
+    (int64 products wrap modulo 2^64 on CPU and CUDA, as splitmix64 needs)."""
+    x = keys + (steps + 1) * _signed(_GOLDEN)
+    x = x + _signed(_GOLDEN)
+    x = (x ^ _lsr(x, 30)) * _signed(_MIX1)
+    x = (x ^ _lsr(x, 27)) * _signed(_MIX2)
+    x = x ^ _lsr(x, 31)
+    return _lsr(x, 11).double() * (1.0 / (1 << 53))
+
+
+def select_from_streams(logits: Tensor, params: SamplingParams, uniforms: Tensor | None,
+                        suppress: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Like :func:`select_next_tokens` (same distribution, filters and log-probs), drawing row i by inverse
+    CDF at ``uniforms[i]`` (from :func:`stream_uniforms`; ignored when greedy). A zero-probability token is
+    never picked: the CDF does not rise at it, and the pick is the first index whose CDF exceeds u x total.
+    ``suppress`` (``[V]``, 0 or -inf) is added to the logits the token is picked from, like top-k/top-p,
+    but not to those the log-probs come from: they stay the policy's full distribution, which is what the
+    training forward computes for the same token."""
+    logits = logits.float()
+    pick = logits if suppress is None else logits + suppress
+    if params.is_greedy:
+        tokens = pick.argmax(-1)
+        logp = torch.log_softmax(logits, -1)
+    else:
+        scaled = logits / params.temperature
+        logp = torch.log_softmax(scaled, -1)
+        cdf = filter_logits(pick / params.temperature, params.top_k, params.top_p).softmax(-1).double().cumsum(-1)
+        target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+        tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(logits.shape[-1] - 1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)

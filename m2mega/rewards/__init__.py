@@ -4,10 +4,12 @@ Entry points: :func:`compute_reward` / :func:`compute_rewards` with a :class:`Re
 mixing, see :mod:`m2mega.rewards.registry`). The building blocks are public too, for evaluation and the
 data tools: :func:`extract_answer`, :func:`parse_choice`, :func:`parse_number`, :func:`numeric_match`,
 :func:`math_equal`, :func:`ednm_reward`, :func:`format_reward`, :func:`repetition_stats`.
+:class:`RewardFailureMeter` gives per-step counts of failed custom rewards and grader timeouts (training logs).
 """
 
 from .ednm import ednm_reward, ednm_reward_tensor, relative_error
 from .extract import extract_all_boxed, extract_answer, extract_boxed, extract_tag_block
+from .failures import RewardFailureMeter, reward_failure_totals
 from .format import format_reward, is_well_formed
 from .match import (
     ParsedNumber,
@@ -41,6 +43,7 @@ __all__ = [
     "ParsedNumber",
     "RepetitionStats",
     "RewardConfig",
+    "RewardFailureMeter",
     "RewardResult",
     "TaskRewardConfig",
     "choice_match",
@@ -65,6 +68,7 @@ __all__ = [
     "relative_error",
     "repetition_penalty",
     "repetition_stats",
+    "reward_failure_totals",
     "text_match",
     "tokenize_words",
 ]

@@ -5,7 +5,8 @@ number rules). It runs in a grader worker process (:mod:`m2mega.rewards.sandbox`
 a hard limit on every thread and in every process: a call that overruns is answered "not equal" and the
 worker is replaced. Two cases never need the worker: equal strings and two plain numbers (relative
 tolerance), which are most rewards; power towers (``9^{9^{9^{9}}}``, more than 30 powers), factorial
-chains and bare formulas over 2000 characters are refused outright. Nothing here evaluates model text as code, and nothing raises.
+chains, factorials of a power of a power (``(10^{10^{8}})!``) and bare formulas over 2000 characters are
+refused outright. Nothing here evaluates model text as code, and nothing raises.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ MAX_MATH_CHARS = 20_000
 # many digits, and no real ground truth is one. Refused before any worker time is spent on them.
 _POW, _EXP = r"(?:\^|\*\*)", r"\s*(?:\{[^{}^]*|[\d.]+|\w)\s*"  # an exponent opening a group, or one token
 _TOWER = re.compile(_POW + _EXP + _POW + _EXP + _POW)
+# The factorial of a power of a power, ``(10^{10^{8}})!``: sympy spent the whole soft limit on it, and on
+# a loaded machine ran past the hard limit inside one C call (a worker kill and restart).
+_TOWER_FACTORIAL = re.compile(_POW + _EXP + _POW + r"[\s\d{}()]*!")
 MAX_POWERS = 30
 MAX_FORMULA_CHARS = 2000  # a bare formula (no prose) longer than this is not an answer
 _PROSE = re.compile(r"(?<![A-Za-z])[A-Za-z]{3,}\s+[A-Za-z]")  # starts only at word starts: linear
@@ -36,6 +40,8 @@ _PROSE = re.compile(r"(?<![A-Za-z])[A-Za-z]{3,}\s+[A-Za-z]")  # starts only at w
 def _hostile(text: str) -> bool:
     if text.count("^") + text.count("**") > MAX_POWERS or _TOWER.search(text) or re.search(r"!\s*!\s*!", text):
         return True  # power towers, 3!!!!: astronomically large values
+    if "!" in text and _TOWER_FACTORIAL.search(text):
+        return True
     return len(text) > MAX_FORMULA_CHARS and _PROSE.search(text) is None
 
 

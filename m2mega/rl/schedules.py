@@ -2,7 +2,7 @@
 
     beta_t = beta_min + 0.5 * (beta_max - beta_min) * (1 + cos(pi * t / T))      (paper Eq. 7)
 
-beta starts at beta_max (keep the policy close to the reference while rewards are noisy) and decays to
+beta starts at beta_max (keep the policy close to the ref_policy while rewards are noisy) and decays to
 beta_min at t = T (let it explore once it has learnt the format). Steps outside [0, T] are clamped.
 """
 

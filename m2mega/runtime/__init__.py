@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from . import cpu
-    from .process_groups import RuntimeInfo, device, init, shutdown
+    from .process_groups import RuntimeInfo, device, init, init_from_config, seed_everything, shutdown
 
-__all__ = ["init", "shutdown", "RuntimeInfo", "device", "cpu"]
+__all__ = ["init", "init_from_config", "seed_everything", "shutdown", "RuntimeInfo", "device", "cpu"]
 
-_LAZY = {"init": ".process_groups", "shutdown": ".process_groups", "RuntimeInfo": ".process_groups",
-         "device": ".process_groups"}
+_LAZY = {name: ".process_groups" for name in ("init", "init_from_config", "seed_everything", "shutdown",
+                                              "RuntimeInfo", "device")}
 
 
 def __getattr__(name: str):

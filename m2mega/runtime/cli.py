@@ -7,7 +7,7 @@ once (by rank 0: every rank checks the same config and files, so every rank fail
         sys.exit(run_main(main))
 
 Set ``M2MEGA_TRACEBACK=1`` to get the traceback instead (debugging m2mega itself). Entry points check
-their config and input paths (:func:`require_prefixes`, ``m2mega.train.loop.preflight``) before they
+their config and input paths (:func:`require_prefixes`, ``m2mega.train.preflight.preflight``) before they
 initialise process groups or build a model, so these errors come within seconds.
 """
 
@@ -17,14 +17,20 @@ import os
 import sys
 from typing import Callable, Iterable, Optional, Sequence
 
-__all__ = ["UsageError", "run_main", "report", "launch_rank", "require_prefixes", "require_paths"]
+__all__ = ["UsageError", "RunFailed", "run_main", "report", "launch_rank", "require_prefixes", "require_paths"]
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 
 class UsageError(ValueError):
-    """A flag or input path the user has to fix (exit code 2)."""
+    """A flag, config value or input path the user has to fix (exit code 2). The packages' own user errors
+    (``ConfigError``, ``CheckpointMismatch``) derive from it, so this module needs to import none of them."""
+
+
+class RunFailed(RuntimeError):
+    """The run started and failed for a stated reason (exit code 1): ``UnsafeCheckpoint``,
+    ``CorruptCheckpoint``, ``TrainingDiverged`` derive from it."""
 
 
 def launch_rank() -> int:
@@ -51,21 +57,9 @@ def report(message: str, code: int = EXIT_USAGE) -> int:
 
 def _classify(exc: BaseException) -> Optional[int]:
     """Exit code for the errors whose message is the whole story, None for bugs (which keep their trace)."""
-    from m2mega.convert.checks import CheckpointMismatch, CorruptCheckpoint, UnsafeCheckpoint
-
-    usage: tuple = (UsageError, FileNotFoundError, NotADirectoryError, CheckpointMismatch)
-    failed: tuple = (UnsafeCheckpoint, CorruptCheckpoint)
-    try:
-        from m2mega.train.config import ConfigError
-
-        usage += (ConfigError,)
-    except ImportError:
-        pass
-    if "m2mega.train.loop" in sys.modules:  # loaded only by runs that train
-        failed += (sys.modules["m2mega.train.loop"].TrainingDiverged,)
-    if isinstance(exc, usage):
+    if isinstance(exc, (UsageError, FileNotFoundError, NotADirectoryError)):
         return EXIT_USAGE
-    if isinstance(exc, failed):
+    if isinstance(exc, RunFailed):
         return EXIT_FAILED
     return None
 

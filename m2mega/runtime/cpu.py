@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["activate", "deactivate", "is_active"]
+__all__ = ["activate", "deactivate", "is_active", "plain_dispatch"]
 
 _lock = threading.Lock()
 _saved: list[tuple[Any, str, Any]] = []
@@ -216,3 +216,13 @@ def deactivate() -> None:
                 delattr(obj, name)
             else:
                 setattr(obj, name, old)
+
+
+def plain_dispatch(device: torch.device) -> contextlib.AbstractContextManager:
+    """Torch-function dispatch off while this CPU runtime is active, for hot loops that pass no device
+    argument (the rollout engine's decode steps and sampling): the runtime's ``TorchFunctionMode`` that
+    rewrites ``device="cuda"`` arguments costs microseconds on every torch call, a large share of a small
+    model's decode step. Code that builds megatron modules or passes devices must keep it on."""
+    if device.type == "cpu" and is_active():
+        return torch._C.DisableTorchFunction()
+    return contextlib.nullcontext()

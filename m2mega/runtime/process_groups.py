@@ -7,8 +7,10 @@ import logging
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
 
 from . import cpu
 from .optional_libs import announce_missing
@@ -58,7 +60,6 @@ def init(
     without CUDA is an error, and ``gloo`` on a CUDA machine is allowed (CPU-side debugging) but keeps
     the model on the GPU, so the CPU runtime is only activated when CUDA is absent.
     """
-    from megatron.core import parallel_state, tensor_parallel
 
     has_cuda = torch.cuda.is_available()
     if backend is None:
@@ -114,10 +115,27 @@ def init(
     )
 
 
+def init_from_config(cfg) -> RuntimeInfo:
+    """:func:`init` with a training config's layout: ``parallel.tp/pp/backend/timeout_s`` and ``seed``
+    (``parallel.backend: auto`` = NCCL with CUDA, else gloo). The one place command lines start a runtime."""
+    p = cfg.parallel
+    return init(p.tp, p.pp, backend=None if p.backend == "auto" else p.backend, seed=cfg.seed,
+                timeout_s=p.timeout_s)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy, torch and megatron's model-parallel RNG tracker (same seed, same weights)."""
+    import random
+
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
 def shutdown() -> None:
     """Destroy megatron's groups, the process group and the CPU runtime patches (safe to call twice)."""
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

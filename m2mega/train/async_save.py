@@ -4,6 +4,8 @@ imports it to run :func:`_die_with_parent`."""
 
 from __future__ import annotations
 
+from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
 __all__ = ["install_results_queue"]
 
 _async_manager = None
@@ -26,7 +28,6 @@ def install_results_queue() -> None:
     killed run (SIGKILL, a scheduler's SIGTERM) left it running forever. We start that manager ourselves,
     with an initializer that ties its life to ours, and hand megatron its queue."""
     global _async_manager
-    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
 
     if fa._results_queue is not None:
         return

@@ -44,7 +44,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -52,14 +51,33 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+from megatron.core.optimizer import ChainedOptimizer, DistributedOptimizer
 
-from m2mega.convert.checks import CorruptCheckpoint, UnsafeCheckpoint, verify_dcp_checkpoint
+from m2mega.convert.checks import CorruptCheckpoint, UnsafeCheckpoint
+from m2mega.convert.layout import (  # re-exported: the trainer's checkpoint API
+    LATEST,
+    find_latest,
+    is_iter_dirname,
+    iter_dirname,
+    list_checkpoints,
+    pick_checkpoint,
+    resolve_checkpoint,
+)
+from m2mega.models.wrappers import unwrap_model
+from m2mega.runtime import device
+from m2mega.runtime.compat import ensure_adam_state, restore_adam_steps
 
 from .async_save import install_results_queue
 from .checkpoint_checks import check_global_shapes as _check_global_shapes
-from .hf_files import write_hf_files
 from .checkpoint_checks import check_model_config, check_save_dir
 from .config import TrainConfig, to_dict, to_yaml
+from .hf_files import write_hf_files
 
 __all__ = [
     "LoadedCheckpoint",
@@ -82,13 +100,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
 FORMAT_VERSION = 1
-_ITER_RE = re.compile(r"^iter_(\d{7,})$")
-
-
-def iter_dirname(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
 
 
 @dataclass
@@ -115,19 +127,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
-    """Strip megatron's DDP and Float16Module wrappers: checkpoints hold the bare model's state."""
-    from megatron.core.distributed import DistributedDataParallel
-    from megatron.core.transformer.module import Float16Module
-
-    while isinstance(chunk, (DistributedDataParallel, Float16Module)):
-        chunk = chunk.module
-    return chunk
-
-
 def _layout() -> dict:
-    from megatron.core import parallel_state as ps
-
     return {
         "tp": ps.get_tensor_model_parallel_world_size(),
         "pp": ps.get_pipeline_model_parallel_world_size(),
@@ -165,10 +165,6 @@ def _optimizer_has_stepped(optimizer) -> bool:
 
 def get_rng_state() -> dict:
     """Every generator a training step draws from, so a resumed run draws the same numbers."""
-    from megatron.core import tensor_parallel
-
-    from m2mega.runtime import cpu
-
     # Tensors and plain data only (no numpy arrays), so the state loads under torch.load(weights_only=True).
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -178,14 +174,12 @@ def get_rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
-    if torch.cuda.is_available() and not cpu.is_active():
+    if device().type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
     random.setstate(state["random"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
@@ -197,9 +191,6 @@ def set_rng_state(state: dict) -> None:
 
 
 def _rng_sharded_object(state: dict | None):
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     # One object per (pp, tp, dp) rank: DP replicas may have drawn different amounts (ragged batches).
     shape = (
         ps.get_pipeline_model_parallel_world_size(),
@@ -212,64 +203,6 @@ def _rng_sharded_object(state: dict | None):
         ps.get_data_parallel_rank(),
     )
     return ShardedObject("rng_state", state, shape, offset, replica_id=0)
-
-
-def _is_complete(path: str) -> bool:
-    # dist_checkpointing writes metadata.json last; we rename only after it, so this is belt and braces.
-    return os.path.isfile(os.path.join(path, "metadata.json"))
-
-
-def list_checkpoints(root: str) -> list[tuple[int, str]]:
-    """Complete checkpoints under ``root`` as (iteration, path), oldest first."""
-    if not os.path.isdir(root):
-        return []
-    out = []
-    for name in os.listdir(root):
-        m = _ITER_RE.match(name)
-        path = os.path.join(root, name)
-        if m and os.path.isdir(path) and _is_complete(path):
-            out.append((int(m.group(1)), path))
-    return sorted(out)
-
-
-def find_latest(root: str | None) -> tuple[int, str] | None:
-    """Newest complete checkpoint: the highest complete ``iter_*``. A save is renamed into place only once
-    complete, so that is always the newest state; ``latest`` can lag it by a crash between the rename and
-    the marker's update, and is then ignored (with a warning), never trusted over what is on disk."""
-    if not root or not os.path.isdir(root):
-        return None
-    found = list_checkpoints(root)
-    if not found:
-        return None
-    marker = os.path.join(root, LATEST)
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            text = f.read().strip()
-        if text != str(found[-1][0]):
-            log.warning("%s says %r but the newest complete checkpoint is %s; using it", marker, text, found[-1][1])
-    return found[-1]
-
-
-def pick_checkpoint(root: str) -> tuple[int, str] | None:
-    """The newest complete checkpoint under ``root`` whose files are intact (sizes against ``.metadata``,
-    metadata and ``common.pt`` readable through the allow-lists). A damaged one is skipped with a warning
-    naming the file; :class:`CorruptCheckpoint` when every one is damaged. :class:`UnsafeCheckpoint` (a
-    planted payload) is never skipped: it is raised."""
-    found = list_checkpoints(root)
-    damaged: list[str] = []
-    for it, path in reversed(found):
-        try:
-            verify_dcp_checkpoint(path)
-        except (CorruptCheckpoint, FileNotFoundError) as e:
-            log.warning("checkpoint %s is damaged (%s); falling back to the previous complete checkpoint", path, e)
-            damaged.append(str(e))
-            continue
-        if damaged:
-            log.warning("resuming from %s instead of the newer damaged checkpoint(s)", path)
-        return it, path
-    if damaged:
-        raise CorruptCheckpoint(root, "every checkpoint is damaged: " + "; ".join(damaged))
-    return None
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -313,12 +246,6 @@ def save_checkpoint(
     """Collective: every rank calls it. Returns the final checkpoint directory. An existing checkpoint of
     the same iteration is replaced (see the module docstring); ``protect``: checkpoints rotation must keep
     (e.g. the last one saved before a run started skipping steps)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
-        FullyParallelSaveStrategyWrapper,
-    )
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
-    from megatron.core import parallel_state as ps
 
     final = os.path.join(root, iter_dirname(iteration))
     tmp = final + ".tmp"
@@ -405,7 +332,7 @@ def _plain(obj: Any) -> Any:
 def _prune(root: str, keep_last: int, keep: str | Sequence[str]) -> None:
     for name in os.listdir(root):
         for suffix in (".tmp", _REPLACED):  # a crashed save's leftovers
-            if name.endswith(suffix) and _ITER_RE.match(name[: -len(suffix)]):
+            if name.endswith(suffix) and is_iter_dirname(name[: -len(suffix)]):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     if keep_last <= 0:
         return
@@ -444,17 +371,6 @@ def load_model_weights(path: str, model_chunks: Sequence[torch.nn.Module], *, st
         if key not in loaded:
             raise ValueError(f"{path} holds no '{key}' state (saved with a different number of model chunks?)")
         unwrap_model(chunk).load_state_dict(loaded[key], strict=strict)
-
-
-def resolve_checkpoint(path: str) -> str:
-    """``path`` itself when it is one checkpoint, else the newest intact checkpoint of the save root
-    ``path`` (:func:`pick_checkpoint`)."""
-    if os.path.isfile(os.path.join(path, ".metadata")):
-        return path
-    found = pick_checkpoint(path) if os.path.isdir(path) else None
-    if found is None:
-        raise FileNotFoundError(f"{path} is neither a checkpoint nor a directory holding complete checkpoints")
-    return found[1]
 
 
 def load_checkpoint(
@@ -504,7 +420,7 @@ def load_checkpoint(
     model_sd = _model_sharded_state_dict(model_chunks)
     request: dict = dict(model_sd)
     if want_optim:
-        _ensure_torch_adam_state(optimizer)
+        ensure_adam_state(optimizer)
         request["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True, fmt=fmt)
     if want_rng:
         request["rng_state"] = _rng_sharded_object(None)
@@ -519,7 +435,7 @@ def load_checkpoint(
         # The distributed optimizer copies into views of parameters that require grad.
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
-        _restore_adam_steps(optimizer)
+        restore_adam_steps(optimizer)
     elif optimizer is not None:
         optimizer.reload_model_params()  # master weights follow the freshly loaded model weights
     if scheduler is not None and meta.get("scheduler") is not None:
@@ -565,63 +481,6 @@ def _check_scheduler(scheduler, state: dict, path: str) -> None:
             )
 
 
-def _ensure_torch_adam_state(optimizer) -> None:
-    """Give a never-stepped distributed optimizer the per-parameter state torch's AdamW creates lazily.
-
-    Without TE/apex, megatron-core 0.16.1's ``DistributedOptimizer.state_dict()`` (called to build the
-    *loading* state dict) asserts that all parameters share one ``step`` and fails on a fresh optimizer
-    whose state is still empty. Zero state is exactly what the optimizer would start from, and the load
-    then overwrites all of it.
-    """
-    from megatron.core.optimizer import ChainedOptimizer, DistributedOptimizer
-    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
-
-    if HAVE_APEX_OR_TE:
-        return
-    opts = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
-    for o in opts:
-        inner = getattr(o, "optimizer", None)
-        if not isinstance(o, DistributedOptimizer) or not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            continue
-        for group in inner.param_groups:
-            on_device = group.get("capturable", False) or group.get("fused", False)
-            for p in group["params"]:
-                st = inner.state[p]
-                if len(st) == 0:
-                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
-                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def _restore_adam_steps(optimizer) -> None:
-    """Set every parameter's Adam ``step`` to the checkpoint's step, each in its own tensor.
-
-    Two megatron-core 0.16.1 bugs in the distributed optimizer's torch-AdamW fallback (no TE/apex) meet
-    here: ``load_state_dict`` assigns one *shared* ``step`` tensor to all parameters (torch's foreach AdamW
-    then increments it once per parameter per step, so bias correction runs ahead), and the
-    ``dp_reshardable`` parameter-state load copies the loading template's ``step`` (not the saved one)
-    back over it. The saved step survives in each param group's ``step`` (megatron writes it there).
-    Caught by tests/test_checkpoint.py's resume-equality test.
-    """
-    from megatron.core.optimizer import ChainedOptimizer, DistributedOptimizer
-
-    opts = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
-    for o in opts:
-        inner = getattr(o, "optimizer", None)
-        if not isinstance(o, DistributedOptimizer) or not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            continue
-        for group in inner.param_groups:
-            if "step" not in group:
-                continue
-            for p in group["params"]:
-                st = inner.state.get(p)
-                if st is not None and isinstance(st.get("step"), torch.Tensor):
-                    old = st["step"]
-                    st["step"] = torch.tensor(float(group["step"]), dtype=old.dtype, device=old.device)
-
-
 def _is_distributed(optimizer) -> bool:
-    from megatron.core.optimizer import ChainedOptimizer, DistributedOptimizer
-
     opts = optimizer.chained_optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
     return any(isinstance(o, DistributedOptimizer) for o in opts)

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
 from m2mega.convert.checks import CorruptCheckpoint
 
 from .config import ConfigError, TrainConfig, to_dict
@@ -100,8 +103,6 @@ def check_model_config(path: str, cfg: TrainConfig) -> None:
 def check_global_shapes(path: str, sharded_sd: dict) -> None:
     """Every tensor the model asks for exists in ``path`` with the same global shape (read from the
     already-verified ``.metadata``), listed in one error rather than a megatron trace mid-load."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from m2mega.convert.checks import read_dcp_metadata
 

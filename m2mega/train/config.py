@@ -24,6 +24,8 @@ from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
+from m2mega.runtime.cli import UsageError
+
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -47,7 +49,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A configuration problem; the message names the offending key."""
 
 
@@ -190,7 +192,7 @@ class GRPOConfig:
     max_new_tokens: int = 1024  # paper: completion length limit 1024
     clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
     clip_high: float = 0.2  # upper clip (clip-higher: > clip_low)
-    # KL to the frozen reference (k3 estimator): "cosine" anneals beta_max -> beta_min (paper Eq. 7),
+    # KL to the frozen ref_policy (k3 estimator): "cosine" anneals beta_max -> beta_min (paper Eq. 7),
     # "constant" uses beta.
     kl_schedule: Literal["cosine", "constant"] = "cosine"
     beta: float = 0.001  # KL weight (kl_schedule: constant)
@@ -217,6 +219,12 @@ class GRPOConfig:
     reward_overrides: dict = field(default_factory=dict)  # {task: {TaskRewardConfig field: value}}
     custom_reward_function: Optional[str] = None  # "path/to/file.py:fn" (verl convention), all tasks
     updates_per_rollout: int = 1  # optimizer steps on each batch of rollouts
+    # pi_old of the ratio: "recompute" (the training forward's log-probs: the policy's own, detached, with one
+    # update per rollout step; a forward-only pass before the first of several) or "rollout" (the sampler's
+    # log-probs: no extra pass, and the ratio also corrects for train/rollout numerical mismatch).
+    old_logprobs: Literal["recompute", "rollout"] = "recompute"
+    rollout_batch: int = 256  # rollout engine: sequences decoded together (KV-cache slots)
+    rollout_kv_tokens: int = 0  # rollout engine: KV-cache tokens it may hold (0: half the free GPU memory)
     # A step whose groups all scored uniformly makes no update (warned, counted); this many such steps in a
     # row stop the run with an error (the data is too easy/hard for the policy, or the reward is broken). 0: never.
     max_no_signal_steps: int = 20
@@ -226,7 +234,7 @@ class GRPOConfig:
     eval_interval: int = 0  # rollout steps between held-out validations (0: off)
     eval_samples: int = 0  # sampled answers per held-out prompt (mean@k / pass@k)
     def uses_kl(self) -> bool:
-        """Whether the KL term is ever non-zero (then a frozen reference policy is needed)."""
+        """Whether the KL term is ever non-zero (then the frozen ref_policy is needed)."""
         return (self.beta_max if self.kl_schedule == "cosine" else self.beta) > 0
 
     def reward_config_dict(self) -> dict:
@@ -250,6 +258,15 @@ class GRPOConfig:
 
 
 @dataclass
+class KernelsConfig:
+    """The fused Triton kernels (GRPO log-probs and loss): ``m2mega.kernels.KernelConfig``, set by the Trainer."""
+
+    use_torch: bool = False  # run their plain-torch counterparts (debugging; materialises T x V logits)
+    check_inputs: bool = True  # validate target ids against the vocabulary (one device->host sync per call)
+    bwd_slab_bytes: int = 256 * 2**20  # memory budget of the log-prob backward's recomputed logits slab
+
+
+@dataclass
 class TrainConfig:
     run_name: str = "m2mega"  # a name for logs (TensorBoard / W&B run)
     mode: Literal["sft", "grpo"] = "sft"  # which entry point this config is for
@@ -263,6 +280,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
 
 # ----------------------------------------------------------------------------------------- coercion
@@ -550,6 +568,9 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     _check(g.ednm_lambda >= 0 and g.ednm_gamma >= 0, "grpo.ednm_lambda and grpo.ednm_gamma must be >= 0")
     _check(g.updates_per_rollout >= 1, f"grpo.updates_per_rollout must be >= 1, got {g.updates_per_rollout}")
     _check(g.max_refill_rounds >= 0, f"grpo.max_refill_rounds must be >= 0, got {g.max_refill_rounds}")
+    _check(g.rollout_batch >= 1 and g.rollout_kv_tokens >= 0,
+           f"grpo.rollout_batch must be >= 1 and grpo.rollout_kv_tokens >= 0, got {g.rollout_batch}, "
+           f"{g.rollout_kv_tokens}")
     _check(not g.dynamic_sampling or g.drop_zero_variance,
            "grpo.dynamic_sampling refills degenerate groups, so it needs grpo.drop_zero_variance: true")
     _check(g.dual_clip is None or g.dual_clip > 1, f"grpo.dual_clip must be > 1 or null, got {g.dual_clip}")

@@ -12,63 +12,39 @@ token-level aggregation) however the rollouts were split into micro-batches and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
 from torch import Tensor
 
+from m2mega.data.loader import IGNORE_INDEX, MicroBatch, model_inputs
 from m2mega.kernels import fused_grpo_loss, fused_linear_logprob
+from m2mega.models.wrappers import unwrap_vlm
+from m2mega.rl.rollout import Rollouts
 
-from m2mega.data.loader import IGNORE_INDEX
-
-from .rollout import Rollouts
-
-__all__ = ["PackedRollouts", "pack_rollouts", "split_into_microbatches", "make_forward_step"]
-
-
-@dataclass
-class PackedRollouts:
-    """Rollouts (prompt + response) concatenated along one THD sequence."""
-
-    tokens: Tensor  # int64 [T]
-    targets: Tensor  # int64 [T]: next token at response positions, IGNORE_INDEX elsewhere
-    loss_mask: Tensor  # float32 [T]: 1 where the target is a response token
-    cu_seqlens: Tensor  # int32 [n + 1]
-    max_seqlen: int
-    pixel_values: Tensor | None
-    image_grid_thw: Tensor | None
-    advantages: Tensor  # float32 [n] per rollout (group-normalised)
-    weights: Tensor  # float32 [n] per rollout (Eq. 6 weight of its group; 1 for static)
-    rollout_index: list[int]
-    old_logp: Tensor | None = None  # float32 [T], filled by a forward-only pass when needed
-    ref_logp: Tensor | None = None  # float32 [T]
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.tokens.numel())
-
-    def to(self, device) -> "PackedRollouts":
-        out = {}
-        for k, v in self.__dict__.items():
-            out[k] = v.to(device) if isinstance(v, Tensor) else v
-        return PackedRollouts(**out)
+__all__ = ["pack_rollouts", "split_into_microbatches", "make_forward_step"]
 
 
 def pack_rollouts(
     rollouts: Rollouts, indices: Sequence[int], advantages: Tensor, weights: Tensor, *,
     pad_to_multiple_of: int = 1, pad_token_id: int = 0,
-) -> PackedRollouts:
-    """Concatenate rollouts ``indices`` (prompt tokens + response tokens each) into one THD sample list.
+) -> MicroBatch:
+    """Concatenate rollouts ``indices`` (prompt tokens + response tokens each) into one THD micro-batch.
+    Position ids: the prompt's M-RoPE ids, then the response as text continuing after the prompt's largest
+    id (as Qwen2.5-VL's ``get_rope_index`` numbers text after vision), so images and videos keep their ids.
 
     ``pad_to_multiple_of`` (TP size under sequence parallelism, whose scatter splits the tokens evenly over
     TP ranks) appends one padding segment, as the SFT loader does: its own ``cu_seqlens`` entry (so it
     attends to nothing real), no targets, advantage and weight 0."""
-    toks, tgts, masks, pvs, grids, lens = [], [], [], [], [], []
+    toks, tgts, masks, pos, pvs, grids, lens, vids = [], [], [], [], [], [], [], []
     for i in indices:
         p = rollouts.prompt_of(i)
         resp = rollouts.response_tokens[i]
         seq = torch.cat([p.prompt_tokens, resp])
+        start = int(p.position_ids.max()) + 1 if p.position_ids.numel() else 0
+        pos.append(torch.cat([p.position_ids, (start + torch.arange(resp.numel())).expand(3, -1)], dim=1))
         tgt = torch.full_like(seq, IGNORE_INDEX)
         L = p.prompt_tokens.numel()
         # position t predicts token t + 1: the response tokens are targets of positions L-1 .. L+R-2
@@ -80,6 +56,8 @@ def pack_rollouts(
         if p.pixel_values is not None and len(p.image_grid_thw):
             pvs.append(p.pixel_values)
             grids.append(p.image_grid_thw)
+        if p.pixel_values_videos is not None and len(p.video_grid_thw):
+            vids.append((p.pixel_values_videos, p.video_grid_thw, p.second_per_grid_ts))
     idx = torch.as_tensor(list(indices), dtype=torch.long)
     adv, w = advantages[idx].float(), weights[idx].float()
     pad = -sum(lens) % max(1, int(pad_to_multiple_of))
@@ -87,28 +65,33 @@ def pack_rollouts(
         toks.append(torch.full((pad,), pad_token_id, dtype=toks[0].dtype))
         tgts.append(torch.full((pad,), IGNORE_INDEX, dtype=tgts[0].dtype))
         masks.append(torch.zeros(pad))
+        pos.append(torch.arange(pad).expand(3, -1))
         lens.append(pad)
         adv, w = torch.cat([adv, adv.new_zeros(1)]), torch.cat([w, w.new_zeros(1)])
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(lens), 0)
-    return PackedRollouts(
+    return MicroBatch(
         tokens=torch.cat(toks),
-        targets=torch.cat(tgts),
+        labels=torch.cat(tgts),
         loss_mask=torch.cat(masks),
+        position_ids=torch.cat(pos, dim=1),
         cu_seqlens=cu,
         max_seqlen=max(lens),
         pixel_values=torch.cat(pvs) if pvs else None,
-        image_grid_thw=torch.cat(grids) if grids else None,
+        image_grid_thw=torch.cat(grids) if grids else torch.zeros(0, 3, dtype=torch.long),
+        **({"pixel_values_videos": torch.cat([v[0] for v in vids]), "video_grid_thw": torch.cat([v[1] for v in vids]),
+            "second_per_grid_ts": torch.cat([v[2] for v in vids])} if vids else {}),
+        sample_indices=idx,
+        num_padding=pad,
         advantages=adv,
         weights=w,
-        rollout_index=list(indices),
     )
 
 
 def split_into_microbatches(
     rollouts: Rollouts, indices: Sequence[int], max_tokens: int, advantages: Tensor, weights: Tensor, *,
     pad_to_multiple_of: int = 1, pad_token_id: int = 0,
-) -> list[PackedRollouts]:
+) -> list[MicroBatch]:
     """Greedy, order-preserving packing of rollouts into micro-batches of at most ``max_tokens`` tokens
     (a single rollout longer than that gets a micro-batch of its own); each padded as :func:`pack_rollouts`."""
     pad = dict(pad_to_multiple_of=pad_to_multiple_of, pad_token_id=pad_token_id)
@@ -125,37 +108,9 @@ def split_into_microbatches(
     return out
 
 
-def _model_inputs(mb: PackedRollouts) -> dict:
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    psp = PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=mb.cu_seqlens,
-        cu_seqlens_kv=mb.cu_seqlens,
-        max_seqlen_q=mb.max_seqlen,
-        max_seqlen_kv=mb.max_seqlen,
-    )
-    return dict(
-        input_ids=mb.tokens,
-        pixel_values=mb.pixel_values,
-        image_grid_thw=mb.image_grid_thw,
-        packed_seq_params=psp,
-        return_hidden=True,
-    )
-
-
-def _unwrap(model):
-    from m2mega.inference.generate import unwrap_model
-
-    return unwrap_model(model)
-
-
-def token_logprobs(model, hidden: Tensor, mb: PackedRollouts, temperature: float, with_entropy: bool):
+def token_logprobs(model, hidden: Tensor, mb: MicroBatch, temperature: float, with_entropy: bool):
     """log pi(target) per position [T] (0 at ignored positions), optionally the entropy [T]."""
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-
-    inner = _unwrap(model)
+    inner = unwrap_vlm(model)
     if inner.config.sequence_parallel:
         # hidden is split along the sequence; the kernel needs every token on every TP rank. The gather's
         # backward reduce-scatters, which already sums the TP partial grads: no second reduction.
@@ -168,7 +123,7 @@ def token_logprobs(model, hidden: Tensor, mb: PackedRollouts, temperature: float
     return fused_linear_logprob(
         h,
         inner.output_weight().to(h.dtype),
-        mb.targets,
+        mb.labels,
         temperature,
         tp_group,
         return_entropy=with_entropy,
@@ -184,16 +139,17 @@ def make_forward_step(
     clip_high: float,
     dual_clip: float | None,
     beta: float,
-    aggregation: str = "token",
     logprob_only: bool = False,
     record: list | None = None,
 ):
-    """megatron ``forward_step(data_iterator, model)``. With ``logprob_only`` (forward-only passes for
-    old/reference log-probs) the per-token log-probs are appended to ``record`` on the last stage."""
+    """megatron ``forward_step(data_iterator, model)``. The per-token log-probs of each micro-batch are
+    appended to ``record`` (when given) on the last stage: with ``logprob_only``, forward-only passes for
+    pi_old / ref_policy log-probs; in the loss pass, the policy's log-probs before the update (the GRPO
+    runner's train/rollout mismatch diagnostic)."""
 
     def forward_step(data_iterator: Iterator, model):
-        mb: PackedRollouts = next(data_iterator)
-        hidden = model(**_model_inputs(mb))
+        mb: MicroBatch = next(data_iterator)
+        hidden = model(**model_inputs(mb, with_labels=False, return_hidden=True))
 
         def loss_func(hidden: Tensor):
             if logprob_only:
@@ -203,6 +159,8 @@ def make_forward_step(
                 zero = logp.sum() * 0.0
                 return zero, torch.ones((), dtype=torch.int), {}
             logp, ent = token_logprobs(model, hidden, mb, temperature, with_entropy=True)
+            if record is not None:
+                record.append(logp.detach().float())
             old = mb.old_logp if mb.old_logp is not None else logp.detach()
             loss, m = fused_grpo_loss(
                 logp,
@@ -215,7 +173,7 @@ def make_forward_step(
                 dual_clip=dual_clip,
                 beta=beta,
                 weights=mb.weights,
-                aggregation=aggregation,
+                aggregation="token",  # DAPO's token-level mean (see the module docstring)
                 cu_seqlens=mb.cu_seqlens,
                 normalizer=1.0,  # a sum: megatron divides by the step's global token count
             )

@@ -1,4 +1,4 @@
-"""The generic megatron-core training loop, shared by SFT and (later) GRPO.
+"""The megatron-core training loop, shared by SFT and GRPO.
 
 Two layers:
 
@@ -9,8 +9,11 @@ Two layers:
   ``rollout -> score -> trainer.train_step(iter(micro_batches), grpo_forward_step)``: the custom loss lives
   in its ``forward_step``; optimizer, checkpointing and logging are reused as they are, and
   :meth:`Trainer.register_state` adds e.g. a KL-schedule or sampler state to every checkpoint.
-* :func:`train` is the SFT-style driver: resume, then ``train_iters`` steps of ``train_step`` over the
-  data provider's loader with periodic validation and checkpoints.
+* :meth:`Trainer.fit` is the one driver loop: resume, then steps of a :class:`StepSource` (SFT's
+  :class:`m2mega.train.sft.SFTSteps`, GRPO's :class:`m2mega.train.grpo_runner.GRPORunner`) until ``schedule.train_iters``,
+  with the source's evaluation hook, periodic checkpoints, progress and TensorBoard. A source makes its
+  optimizer updates through :meth:`Trainer.train_step` and logs through :meth:`Trainer.say` /
+  :meth:`Trainer.log_scalars`; it never touches the trainer's internals.
 
 Conventions (megatron's): ``forward_step(data_iterator, model) -> (output, loss_func)``; with
 ``calculate_per_token_loss`` (set by :func:`training_transformer_overrides`) ``loss_func(output)`` returns
@@ -23,42 +26,44 @@ micro-batches and data-parallel ranks. The key ``num_tokens`` (processed tokens)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from m2mega.kernels import KernelConfig, set_kernel_config
+from m2mega.runtime import device, seed_everything
+from m2mega.runtime.cli import RunFailed
 
 from .checkpoint import (
     LoadedCheckpoint,
-    check_model_config,
-    check_save_dir,
-    find_latest,
     load_checkpoint,
     load_model_weights,
     pick_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
 )
-from .config import ConfigError, TrainConfig, num_microbatches, validate
-from .optim import grads_are_finite, resolve_dtype, setup_model_and_optimizer
+from .config import TrainConfig, num_microbatches, validate
+from .optim import grads_are_finite, setup_model_and_optimizer
+from .preflight import preflight_checkpoints
+from .progress import Progress
 
 __all__ = [
     "StepResult",
     "TrainSummary",
     "Trainer",
-    "train",
-    "training_transformer_overrides",
-    "seed_everything",
+    "StepSource",
     "ModelProvider",
     "ForwardStep",
     "DataProvider",
     "TrainingDiverged",
-    "preflight_checkpoints",
-    "preflight",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,67 +77,8 @@ DataProvider = Callable[[TrainConfig, str], Optional[Iterable]]
 PEAK_TFLOPS_CUDA_DEFAULT = 989.0  # H100 SXM dense bf16
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunFailed):
     """``optimizer.max_skipped_steps`` steps in a row had non-finite gradients."""
-
-
-def preflight(cfg: TrainConfig, *, prefixes: Sequence[tuple[str, Optional[str]]] = ()) -> None:
-    """Everything a run can check before process groups and models exist, so a command line fails in
-    seconds with one message: the config's rules (with torchrun's ``WORLD_SIZE``), the preprocessed
-    datasets it will read (``prefixes``: extra ``(flag, PREFIX)`` pairs), ``model.init_from`` and its
-    checkpoints (:func:`preflight_checkpoints`)."""
-    import os
-
-    from m2mega.runtime.cli import require_paths, require_prefixes
-
-    ws = os.environ.get("WORLD_SIZE")
-    validate(cfg, int(ws) if ws and ws.isdigit() else None)
-    d = cfg.data
-    data = [("data.train_prefix", d.train_prefix), ("data.valid_prefix", d.valid_prefix)]
-    if cfg.mode == "grpo" and cfg.grpo.eval_interval:
-        data.append(("grpo.eval_prefix", cfg.grpo.eval_prefix))
-    if cfg.mode == "grpo" and not d.train_prefix:
-        raise ConfigError("data.train_prefix must name the preprocessed RL prompts (tools/preprocess_data.py)")
-    require_prefixes([*(data if d.source == "packed" or cfg.mode == "grpo" else []), *prefixes])
-    require_paths([("model.init_from", cfg.model.init_from)])
-    preflight_checkpoints(cfg)
-
-
-def preflight_checkpoints(cfg: TrainConfig) -> None:
-    """What the run's checkpoints must satisfy, checked before any model is built: ``save_dir`` belongs to
-    this run (:func:`check_save_dir`) and the checkpoint it resumes from, and ``model.init_from``, were
-    saved with this config's architecture (:func:`check_model_config`)."""
-    c = cfg.checkpoint
-    check_save_dir(cfg)
-    root = c.load_dir or c.save_dir
-    found = find_latest(root) if c.resume and root else None
-    if found is not None:
-        check_model_config(found[1], cfg)
-    elif cfg.model.init_from:
-        check_model_config(resolve_checkpoint(cfg.model.init_from), cfg)
-
-
-def training_transformer_overrides(cfg: TrainConfig) -> dict:
-    """TransformerConfig fields the training stack needs; every model provider applies them."""
-    dtype = resolve_dtype(cfg)
-    m, p = cfg.model, cfg.parallel
-    out: dict = {
-        "tensor_model_parallel_size": p.tp,
-        "pipeline_model_parallel_size": p.pp,
-        "sequence_parallel": p.sequence_parallel,
-        "params_dtype": dtype,
-        "pipeline_dtype": dtype,
-        "bf16": dtype == torch.bfloat16,
-        "calculate_per_token_loss": True,
-        # Free pipeline-stage outputs once sent (keeps only their graph); megatron's training default.
-        "deallocate_pipeline_outputs": p.pp > 1,
-    }
-    if m.recompute == "selective":
-        out["recompute_granularity"] = "selective"
-    elif m.recompute == "full":
-        out.update(recompute_granularity="full", recompute_method="uniform",
-                   recompute_num_layers=m.recompute_num_layers)
-    return out
 
 
 @dataclass
@@ -164,34 +110,26 @@ class TrainSummary:
     wall_time_s: float = 0.0
 
 
-class _Progress:
-    """Rank-0 progress line: tqdm (or tqdm.rich), a plain log line every log_interval, or nothing."""
+class StepSource(Protocol):
+    """What :meth:`Trainer.fit` drives. ``data_loader`` (or None) is saved with every checkpoint and restored
+    on resume (``state_dict``/``load_state_dict``)."""
 
-    def __init__(self, kind: str, total: int, initial: int, log_interval: int) -> None:
-        self.kind, self.log_interval, self.bar = kind, log_interval, None
-        if kind in ("tqdm", "rich"):
-            if kind == "rich":
-                from tqdm.rich import tqdm
-            else:
-                from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+    data_loader: Any
 
-    def update(self, iteration: int, text: str) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str(text, refresh=False)
-        elif self.kind == "plain" and iteration % self.log_interval == 0:
-            print(f"iter {iteration}: {text}", flush=True)
+    def on_start(self, trainer: "Trainer") -> None:
+        """After resume, before the first step (e.g. a legend, the first held-out point)."""
 
-    def write(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text)
-        elif self.kind != "none":
-            print(text, flush=True)
+    def run_step(self, trainer: "Trainer") -> Sequence[StepResult]:
+        """One step of the source: one or more optimizer updates through ``trainer.train_step``."""
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    def should_evaluate(self, before: int, after: int, end: int) -> bool:
+        """Whether to evaluate after a step that moved the iteration from ``before`` to ``after``."""
+
+    def evaluate(self, trainer: "Trainer") -> Optional[dict]:
+        """The evaluation hook; a returned dict becomes :attr:`TrainSummary.eval_metrics`."""
+
+    def on_end(self, trainer: "Trainer", summary: "TrainSummary") -> None:
+        """After the last step and the final save."""
 
 
 class Trainer:
@@ -209,7 +147,6 @@ class Trainer:
         *,
         flops_per_token: Optional[Callable[[TrainConfig], float]] = None,
     ) -> None:
-        from megatron.core import parallel_state as ps
 
         if not ps.model_parallel_is_initialized():
             raise RuntimeError("call m2mega.runtime.init(tp, pp) before building a Trainer")
@@ -234,6 +171,7 @@ class Trainer:
             load_model_weights(cfg.model.init_from, chunks)
         self.model, self.optimizer, self.scheduler = setup_model_and_optimizer(cfg, chunks)
         self.flops_per_token = flops_per_token
+        set_kernel_config(KernelConfig(**dataclasses.asdict(cfg.kernels)))  # read by every fused-kernel call
         self.iteration = 0
         self.skipped_steps = 0
         self.consecutive_skipped = 0
@@ -242,7 +180,7 @@ class Trainer:
         self.last_good_checkpoint: Optional[str] = None
         self._states: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {}
         self._writer = None
-        self._progress: Optional[_Progress] = None
+        self._progress: Optional[Progress] = None
         if self.rank == 0:  # TensorBoard and/or W&B (logging.*) behind one add_scalar; None if neither
             from .metrics_sink import open_metrics_sink
 
@@ -306,7 +244,7 @@ class Trainer:
                             "load_state_dict): the resumed run re-reads data from its start", path)
         self.last_checkpoint = path
         if self.rank == 0:
-            self._say(f"resumed from {path} at iteration {ck.iteration} (optimizer: {ck.loaded_optimizer}, "
+            self.say(f"resumed from {path} at iteration {ck.iteration} (optimizer: {ck.loaded_optimizer}, "
                       f"rng: {ck.loaded_rng})")
         return ck
 
@@ -328,7 +266,6 @@ class Trainer:
         """One optimizer step. A step whose gradients are non-finite on any rank is skipped on all ranks:
         weights, optimizer state and LR schedule stay as they were; the iteration still advances (its data
         is consumed) and ``skipped_steps`` counts it."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
 
         n_mb = num_microbatches or self.num_microbatches
         t0 = self._now()
@@ -378,7 +315,6 @@ class Trainer:
     def evaluate(self, data_iterator: Iterator | list[Iterator], forward_step: ForwardStep,
                  num_steps: int) -> dict[str, float]:
         """Forward-only passes over ``num_steps`` global batches; report values reduced as in training."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
 
         for chunk in self.model:
             chunk.eval()
@@ -399,15 +335,12 @@ class Trainer:
                 chunk.train()
         out = {k: (v[0] / v[1] if v[1] else v[0]) for k, v in acc.items() if k != "num_tokens"}
         if self.rank == 0:
-            if self._writer is not None:
-                for k, v in out.items():
-                    self._writer.add_scalar(f"eval/{k}", v, self.iteration)
-            self._say(f"eval @ {self.iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+            self.log_scalars(out, self.iteration, "eval/")
+            self.say(f"eval @ {self.iteration}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
         return out
 
     def _reduce_reports(self, reports: list, raw: bool = False) -> dict:
         """Sum report tensors over micro-batches (last stage) and DP ranks; share them with every rank."""
-        from megatron.core import parallel_state as ps
 
         pp_group = ps.get_pipeline_model_parallel_group()
         payload = None
@@ -425,7 +358,7 @@ class Trainer:
                 flat = torch.cat([sums[k] if sums[k].numel() == 2 else torch.cat([sums[k], sums[k].new_zeros(1)])
                                   for k in keys])
                 kinds = [sums[k].numel() for k in keys]
-                flat = flat.to(_report_device())
+                flat = flat.to(device())
                 if dist.is_initialized() and ps.get_data_parallel_world_size() > 1:
                     dist.all_reduce(flat, group=ps.get_data_parallel_group())
                 vals = flat.view(-1, 2).cpu().tolist()
@@ -440,21 +373,76 @@ class Trainer:
             return payload
         return {k: (num / den if den else num) for k, (num, den) in payload.items()}
 
+    def advance_to(self, iteration: int) -> None:
+        """Move the iteration counter forward without an update: a GRPO step whose planned updates had no
+        data still counts them, so ``schedule.train_iters`` and the LR/KL schedules stay aligned."""
+        if iteration < self.iteration:
+            raise ValueError(f"cannot move the iteration back from {self.iteration} to {iteration}")
+        self.iteration = iteration
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, source: StepSource, *, stop_at: Optional[int] = None) -> TrainSummary:
+        """Resume if a checkpoint exists, then run ``source``'s steps to ``schedule.train_iters`` (or
+        ``stop_at``, for tests and staged runs), evaluating when the source asks and saving every
+        ``checkpoint.save_interval`` iterations (and at the end with ``checkpoint.save_at_end``)."""
+        t_start = time.perf_counter()
+        cfg, ck = self.cfg, self.cfg.checkpoint
+        resumed = self.resume(source.data_loader)
+        if self.rank == 0 and cfg.model.init_from and resumed is None:
+            self.say(f"model initialised from {describe_checkpoint(cfg.model.init_from)}")
+        start = self.iteration
+        end = min(cfg.schedule.train_iters, stop_at) if stop_at is not None else cfg.schedule.train_iters
+        summary = TrainSummary(start_iteration=start, iterations=0)
+        self.start_progress(cfg.schedule.train_iters)
+        try:
+            source.on_start(self)
+            while self.iteration < end:
+                before = self.iteration
+                for res in source.run_step(self):
+                    summary.losses.append(res.loss)
+                summary.iterations += self.iteration - before
+                if source.should_evaluate(before, self.iteration, end):
+                    out = source.evaluate(self)
+                    if out is not None:
+                        summary.eval_metrics = out
+                if ck.save_dir and ck.save_interval and self.iteration // ck.save_interval > before // ck.save_interval:
+                    self.save(source.data_loader)
+            if ck.save_dir and ck.save_at_end and summary.iterations > 0:
+                self.save(source.data_loader)
+            source.on_end(self, summary)
+        finally:
+            summary.skipped_steps = self.skipped_steps
+            summary.last_checkpoint = self.last_checkpoint
+            summary.wall_time_s = time.perf_counter() - t_start
+        return summary
+
     # ------------------------------------------------------------------ logging
 
-    def _now(self) -> float:
-        if torch.cuda.is_available():
-            from m2mega.runtime import cpu
+    def say(self, text: str) -> None:
+        """A line for the user (rank 0 calls it), printed above the progress bar when there is one."""
+        if self._progress is not None:
+            self._progress.write(text)
+        elif self.cfg.logging.progress != "none":
+            print(text, flush=True)
 
-            if not cpu.is_active():
-                torch.cuda.synchronize()
+    def log_scalars(self, scalars: dict[str, float], iteration: int, prefix: str = "") -> None:
+        """``prefix + name`` scalars to TensorBoard / W&B (rank 0; no-op without a metrics sink).
+        Non-finite values are skipped (TensorBoard would draw them as gaps anyway)."""
+        if self._writer is None:
+            return
+        for k, v in scalars.items():
+            if math.isfinite(float(v)):
+                self._writer.add_scalar(prefix + k, float(v), iteration)
+
+    def _now(self) -> float:
+        if device().type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter()
 
     def _peak_flops(self) -> Optional[float]:
         tf = self.cfg.logging.peak_tflops
         if tf is None:
-            from m2mega.runtime import device
-
             tf = PEAK_TFLOPS_CUDA_DEFAULT if device().type == "cuda" else None
         return None if tf is None else tf * 1e12
 
@@ -467,12 +455,6 @@ class Trainer:
         if self.flops_per_token is None or peak is None:
             return tps, None
         return tps, self.flops_per_token(self.cfg) * tps / (self.world_size * peak)
-
-    def _say(self, text: str) -> None:
-        if self._progress is not None:
-            self._progress.write(text)
-        elif self.cfg.logging.progress != "none":
-            print(text, flush=True)
 
     def _log_train(self, res: StepResult) -> None:
         if self.rank != 0:
@@ -492,7 +474,7 @@ class Trainer:
             if mfu is not None:
                 w.add_scalar("train/mfu", mfu, it)
         if res.skipped:
-            self._say(f"iteration {res.iteration}: non-finite gradients, step skipped "
+            self.say(f"iteration {res.iteration}: non-finite gradients, step skipped "
                       f"(weights and optimizer state unchanged; {self.skipped_steps} skipped so far)")
         parts = [f"loss {res.loss:.4f}" if res.loss is not None and math.isfinite(res.loss) else "loss -"]
         parts.append(f"lr {res.lr:.2e}")
@@ -509,7 +491,7 @@ class Trainer:
 
     def start_progress(self, total: int) -> None:
         if self.rank == 0 and self._progress is None:
-            self._progress = _Progress(self.cfg.logging.progress, total, self.iteration,
+            self._progress = Progress(self.cfg.logging.progress, total, self.iteration,
                                        self.cfg.logging.log_interval)
 
     def close(self) -> None:
@@ -530,75 +512,3 @@ def describe_checkpoint(path: str) -> str:
     resolved = resolve_checkpoint(path)
     m = re.fullmatch(r"iter_(\d+)", os.path.basename(resolved.rstrip(os.sep)))
     return f"{resolved} (iteration {int(m.group(1))})" if m else f"{resolved} (a converted checkpoint)"
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy, torch and megatron's model-parallel RNG tracker."""
-    import random
-
-    import numpy as np
-    from megatron.core import tensor_parallel
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
-
-
-def _report_device() -> torch.device:
-    from m2mega.runtime import device
-
-    return device()
-
-
-def train(
-    cfg: TrainConfig,
-    model_provider: ModelProvider,
-    forward_step: ForwardStep,
-    data_provider: DataProvider,
-    *,
-    flops_per_token: Optional[Callable[[TrainConfig], float]] = None,
-    trainer: Optional[Trainer] = None,
-    stop_at: Optional[int] = None,
-) -> TrainSummary:
-    """Resume if a checkpoint exists, then train to ``schedule.train_iters`` (or ``stop_at``, for tests and
-    staged runs), validating every ``sft.eval_interval`` and saving every ``checkpoint.save_interval``."""
-    t_start = time.perf_counter()
-    own = trainer is None
-    trainer = trainer or Trainer(cfg, model_provider, flops_per_token=flops_per_token)
-    loader = data_provider(cfg, "train")
-    if loader is None:
-        raise ValueError("data_provider returned no train loader")
-    resumed = trainer.resume(loader)
-    if trainer.rank == 0 and cfg.model.init_from and resumed is None:
-        trainer._say(f"model initialised from {describe_checkpoint(cfg.model.init_from)}")
-    start = trainer.iteration
-    end = min(cfg.schedule.train_iters, stop_at) if stop_at is not None else cfg.schedule.train_iters
-    summary = TrainSummary(start_iteration=start, iterations=0)
-    if trainer.rank == 0 and cfg.logging.progress != "none":
-        print(f"training iterations {start} -> {end} (global batch {cfg.schedule.global_batch_size}, "
-              f"{trainer.num_microbatches} micro-batches x {cfg.schedule.micro_batch_size} per DP rank, "
-              f"DP{trainer.dp_size} TP{cfg.parallel.tp} PP{cfg.parallel.pp})", flush=True)
-    trainer.start_progress(cfg.schedule.train_iters)
-    ck = cfg.checkpoint
-    it = iter(loader)
-    try:
-        while trainer.iteration < end:
-            res = trainer.train_step(it, forward_step)
-            summary.losses.append(res.loss)
-            summary.iterations += 1
-            if cfg.sft.eval_interval and trainer.iteration % cfg.sft.eval_interval == 0:
-                valid = data_provider(cfg, "valid")
-                if valid is not None:
-                    summary.eval_metrics = trainer.evaluate(iter(valid), forward_step, cfg.sft.eval_iters)
-            if ck.save_dir and ck.save_interval and trainer.iteration % ck.save_interval == 0:
-                trainer.save(loader)
-        if ck.save_dir and ck.save_at_end and summary.iterations > 0:
-            trainer.save(loader)
-    finally:
-        summary.skipped_steps = trainer.skipped_steps
-        summary.last_checkpoint = trainer.last_checkpoint
-        summary.wall_time_s = time.perf_counter() - t_start
-        if own:
-            trainer.close()
-    return summary

@@ -26,6 +26,11 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import USING_PYTORCH_OPTIMIZER, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
 
 from .config import TrainConfig
 
@@ -37,6 +42,7 @@ __all__ = [
     "build_scheduler",
     "setup_model_and_optimizer",
     "grads_are_finite",
+    "training_transformer_overrides",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,12 +77,6 @@ def freeze_parameters(model_chunks: Sequence[torch.nn.Module], prefixes: Sequenc
 def wrap_model(cfg: TrainConfig, model_chunks: Sequence[torch.nn.Module]) -> list[torch.nn.Module]:
     """Float16Module (bf16) + megatron DDP around each chunk; installs the grad-sync hooks megatron's
     schedules call (no_sync, finalize_model_grads, grad/param sync for overlap)."""
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from megatron.core.transformer.module import Float16Module
 
     p = cfg.parallel
     ddp_config = DistributedDataParallelConfig(
@@ -120,9 +120,6 @@ def wrap_model(cfg: TrainConfig, model_chunks: Sequence[torch.nn.Module]) -> lis
 
 def build_optimizer(cfg: TrainConfig, ddp_chunks: Sequence[torch.nn.Module]):
     """megatron-core optimizer for the DDP-wrapped chunks (see module docstring)."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer import USING_PYTORCH_OPTIMIZER
-
     o, c = cfg.optimizer, cfg.checkpoint
     if (
         cfg.parallel.use_distributed_optimizer
@@ -158,8 +155,6 @@ def build_optimizer(cfg: TrainConfig, ddp_chunks: Sequence[torch.nn.Module]):
 
 def build_scheduler(cfg: TrainConfig, optimizer):
     """Warmup + cosine/linear/constant LR schedule (megatron's OptimizerParamScheduler), per iteration."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     s, o = cfg.schedule, cfg.optimizer
     decay = s.lr_decay_iters if s.lr_decay_iters is not None else s.train_iters
     return OptimizerParamScheduler(
@@ -204,8 +199,6 @@ def setup_model_and_optimizer(cfg: TrainConfig, model_chunks: Sequence[torch.nn.
 
 
 def _is_first_stage() -> bool:
-    from megatron.core import parallel_state as ps
-
     return ps.is_pipeline_first_stage(ignore_virtual=True)
 
 
@@ -234,3 +227,26 @@ def _grad_device(ddp_chunks) -> torch.device:
     from m2mega.runtime import device
 
     return device()
+
+
+def training_transformer_overrides(cfg: TrainConfig) -> dict:
+    """TransformerConfig fields the training stack needs; every model provider applies them."""
+    dtype = resolve_dtype(cfg)
+    m, p = cfg.model, cfg.parallel
+    out: dict = {
+        "tensor_model_parallel_size": p.tp,
+        "pipeline_model_parallel_size": p.pp,
+        "sequence_parallel": p.sequence_parallel,
+        "params_dtype": dtype,
+        "pipeline_dtype": dtype,
+        "bf16": dtype == torch.bfloat16,
+        "calculate_per_token_loss": True,
+        # Free pipeline-stage outputs once sent (keeps only their graph); megatron's training default.
+        "deallocate_pipeline_outputs": p.pp > 1,
+    }
+    if m.recompute == "selective":
+        out["recompute_granularity"] = "selective"
+    elif m.recompute == "full":
+        out.update(recompute_granularity="full", recompute_method="uniform",
+                   recompute_num_layers=m.recompute_num_layers)
+    return out

@@ -133,8 +133,7 @@ def qwen25vl_model_provider(cfg):
     """This rank's TP x PP stage of Qwen2.5-VL for a :class:`~m2mega.train.config.TrainConfig`."""
     from m2mega.models.qwen25vl import build_model
 
-    from .loop import training_transformer_overrides
-    from .optim import resolve_dtype
+    from .optim import resolve_dtype, training_transformer_overrides
 
     arch = arch_from_config(cfg)
     over = training_transformer_overrides(cfg)

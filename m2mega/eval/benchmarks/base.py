@@ -39,12 +39,14 @@ class BenchDataError(ValueError):
 @dataclass
 class BenchItem:
     """One prompt: ``text`` after the images (paths, or encoded image bytes from parquet releases) and the
-    ``record`` the scorer needs (ground truth, question type, grouping keys)."""
+    ``record`` the scorer needs (ground truth, question type, grouping keys). ``video``: a video part's
+    fields (``{"video": path or frame paths, "max_frames": ...}``, m2mega.data.video), before the images."""
 
     id: str
     text: str
     images: list[str | bytes] = field(default_factory=list)
     record: dict[str, Any] = field(default_factory=dict)
+    video: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,12 @@
 
 Release: ``nyu-visionx/VSI-Bench`` ``test.jsonl``/``.parquet``; fields ``id``, ``dataset``, ``scene_name``,
 ``question_type``, ``question``, ``options`` (list, ``"A. chair"``; null for numeric types),
-``ground_truth`` (a letter, or a number as text). Videos are ``<dataset>/<scene_name>.mp4``: this loader
-takes frames already extracted to ``FRAMES/<dataset>/<scene_name>/*.{jpg,png}`` (``--frames-dir``) and
-samples ``num_frames`` of them uniformly, as lmms-eval's multi-image setting does (32 by default).
+``ground_truth`` (a letter, or a number as text). Videos are ``<dataset>/<scene_name>.mp4``. With
+``--video-dir VIDEOS`` each question gets ``VIDEOS/<dataset>/<scene_name>.mp4`` as a video (decoded and
+sampled at preprocessing, m2mega.data.video: 2 fps, at most ``num_frames`` frames, uniformly spread, the
+Qwen2.5-VL way); with ``--frames-dir FRAMES`` it gets ``num_frames`` of the frames extracted to
+``FRAMES/<dataset>/<scene_name>/*.{jpg,png}`` as images, sampled uniformly, as lmms-eval's multi-image
+setting does (32 by default).
 
 Scoring (the authors' ``vsibench`` utils): multiple-choice types by exact match (case-insensitive) of the
 prediction's first word, stripped of a trailing '.'; numeric types by MRA (``metrics.mean_relative_accuracy``)
@@ -51,10 +54,21 @@ def prompt_text(row: Mapping[str, Any]) -> str:
     return "\n".join([pre, row["question"], opts, "Answer with the option's letter from the given choices directly."])
 
 
-def load(path: str, frames_dir: str | None = None, num_frames: int = 32, **_: Any) -> list[BenchItem]:
-    if frames_dir is None:
-        raise BenchDataError("VSI-Bench is a video benchmark: pass --frames-dir (frames extracted to "
-                             "FRAMES/<dataset>/<scene_name>/*.jpg)")
+def _video(video_dir: str, dataset: str, scene: str, num_frames: int, where: str) -> dict[str, Any]:
+    path = os.path.join(video_dir, dataset, f"{scene}.mp4")
+    if not os.path.isfile(path):
+        raise BenchDataError(f"{where}: no video {path}")
+    return {"video": os.path.abspath(path), "max_frames": num_frames}
+
+
+def load(path: str, frames_dir: str | None = None, num_frames: int = 32, video_dir: str | None = None,
+         **_: Any) -> list[BenchItem]:
+    if (frames_dir is None) == (video_dir is None):
+        raise BenchDataError("VSI-Bench is a video benchmark: pass --video-dir (the release's "
+                             "<dataset>/<scene_name>.mp4) or --frames-dir (frames extracted to "
+                             "FRAMES/<dataset>/<scene_name>/*.jpg), not both")
+    if num_frames < 2:
+        raise BenchDataError(f"--num-frames must be >= 2, got {num_frames}")
     items = []
     for n, row, where in rows(path, ("question_type", "question", "ground_truth", "dataset", "scene_name")):
         qt = row["question_type"]
@@ -62,9 +76,11 @@ def load(path: str, frames_dir: str | None = None, num_frames: int = 32, **_: An
             raise BenchDataError(f"{where}: unknown question_type {qt!r}")
         if qt in MCA_TYPES and not row.get("options"):
             raise BenchDataError(f"{where}: multiple-choice question without options")
+        scene = (row["dataset"], row["scene_name"], num_frames, where)
         items.append(BenchItem(
             id=str(row.get("id", n)), text=prompt_text(row),
-            images=list(_frames(frames_dir, row["dataset"], row["scene_name"], num_frames, where)),
+            images=list(_frames(frames_dir, *scene)) if frames_dir else [],
+            video=_video(video_dir, *scene) if video_dir else None,
             record={"question_type": qt, "ground_truth": str(row["ground_truth"])}))
     return items
 
@@ -112,4 +128,5 @@ def aggregate(scored: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 SPEC = BenchmarkSpec(name="vsibench", headline="overall", load=load, score=score, aggregate=aggregate,
-                     formats="test.jsonl / test.parquet (+ --frames-dir with the videos' frames)")
+                     formats="test.jsonl / test.parquet (+ --video-dir with the videos, or --frames-dir with "
+                             "their frames)")

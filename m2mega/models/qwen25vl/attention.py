@@ -30,13 +30,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
+from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+from torch import Tensor
 
 from m2mega.runtime.backends import Environment, select_backends
 
@@ -205,7 +205,6 @@ class PackedAttention(MegatronModule):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
             raise NotImplementedError("PackedAttention does not implement context parallelism")
-        from megatron.core import parallel_state
 
         tp = (
             pg_collection.tp.size()

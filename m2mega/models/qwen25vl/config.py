@@ -187,7 +187,7 @@ class Qwen25VLConfig:
         return cls(**kw)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The nested transformers>=5 config dict (``Qwen2_5_VLConfig(**d)``), used to build HF references."""
+        """The nested transformers>=5 config dict (``Qwen2_5_VLConfig(**d)``), used to build the HF parity model."""
         t, v = self.text, self.vision
         return {
             "model_type": "qwen2_5_vl",

@@ -29,6 +29,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
+from m2mega.runtime.compat import output_layer_skipped
+
 from .config import Qwen25VLConfig
 from .layer_specs import language_block_spec
 from .rope_index import get_rope_index_batch, get_rope_index_packed
@@ -226,12 +228,7 @@ class Qwen25VLModel(MegatronModule):
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
 
         lm = self.language_model
-        # megatron 0.16's GPTModel has no "skip the output layer" switch; with post_process off its
-        # _postprocess returns the decoder output (the final norm lives in the decoder), so flip it here.
-        skip_output_layer = return_hidden and self.post_process
-        if skip_output_layer:
-            lm.post_process = False
-        try:
+        with output_layer_skipped(lm, return_hidden and self.post_process):
             out = lm(
                 input_ids=input_ids,
                 position_ids=position_ids,
@@ -242,9 +239,6 @@ class Qwen25VLModel(MegatronModule):
                 inference_context=inference_context,
                 runtime_gather_output=runtime_gather_output,
             )
-        finally:
-            if skip_output_layer:
-                lm.post_process = True
         if not self.post_process or return_hidden:
             return out
         logits = self._mask_padded_vocab(out)  # [b, s, v/tp]

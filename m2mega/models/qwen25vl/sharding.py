@@ -23,6 +23,7 @@ import re
 from typing import Mapping
 
 import torch
+from megatron.core import parallel_state as ps
 from torch import Tensor
 
 from .config import Qwen25VLConfig
@@ -388,8 +389,6 @@ def merge_shards(
 def load_full_into_model(model: torch.nn.Module, full: Mapping[str, Tensor], cfg: Qwen25VLConfig,
                          first_stage_layers: int | None = None) -> None:
     """Load a full mcore state dict into this process's (TP, PP) shard of the model (strict)."""
-    from megatron.core import parallel_state as ps
-
     local = shard_for_rank(
         full, cfg,
         tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),

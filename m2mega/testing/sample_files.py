@@ -1,4 +1,4 @@
-"""Write small synthetic JSONL datasets with PNG images, in the input schema (tests and benchmarks).
+"""Test fixture: small JSONL datasets with PNG images in the input schema (tests and benchmarks).
 
 The rows are not meaningful tasks (see ``m2mega.data.synthetic`` for those); they exercise every shape of
 input the preprocessor accepts: SFT and RL rows, 0-3 images of random odd sizes (RGB, RGBA, grey),

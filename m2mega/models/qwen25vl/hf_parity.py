@@ -1,7 +1,8 @@
-"""Synthetic multimodal batches and the HF transformers reference model, for parity tests and benchmarks.
+"""Synthetic multimodal batches and the HF transformers Qwen2.5-VL model (the HF parity model, the oracle of
+the parity tests and the peer of the benchmarks).
 
 Nothing here downloads anything: the HF model is built from a :class:`Qwen25VLConfig` with random
-weights, and batches are random tokens with correctly sized image placeholder runs.
+weights, and batches are random tokens with correctly sized image / video placeholder runs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from .config import Qwen25VLConfig
 
-__all__ = ["SyntheticBatch", "synthetic_batch", "build_hf_reference", "randomize_"]
+__all__ = ["SyntheticBatch", "synthetic_batch", "build_hf_model", "randomize_"]
 
 
 @dataclass
@@ -22,6 +23,17 @@ class SyntheticBatch:
     image_grid_thw: Tensor | None  # [n, 3] over all samples, in order
     pixel_values: Tensor | None  # [sum t*h*w, patch_dim]
     loss_mask: list[Tensor]  # per sample: 1 where the next token is a target
+    video_grid_thw: Tensor | None = None  # [n_vid, 3] over all samples, in order
+    pixel_values_videos: Tensor | None = None  # [sum t*h*w, patch_dim]
+    second_per_grid_ts: Tensor | None = None  # float32 [n_vid]
+
+    def vision_kwargs(self) -> dict:
+        """pixel_values / image_grid_thw and, when there are videos, their three fields (model kwargs)."""
+        kw = dict(pixel_values=self.pixel_values, image_grid_thw=self.image_grid_thw)
+        if self.video_grid_thw is not None:
+            kw.update(pixel_values_videos=self.pixel_values_videos, video_grid_thw=self.video_grid_thw,
+                      second_per_grid_ts=self.second_per_grid_ts)
+        return kw
 
     # --- padded batch (BSHD), right padding
     def padded(self) -> tuple[Tensor, Tensor]:
@@ -62,12 +74,17 @@ def synthetic_batch(
     seed: int = 0,
     text_len: tuple[int, int] = (2, 7),
     extra_text: list[int] | None = None,
+    videos_per_sample: list[list[tuple[int, int, int, float]]] | None = None,
 ) -> SyntheticBatch:
     """Samples of random text with images of the given pixel sizes (h, w multiples of 28 for the
     standard patch 14 / merge 2), each wrapped as ``<vision_start> <image_pad>*n <vision_end>``.
-    ``extra_text[i]`` appends that many more text tokens to sample i (to reach a target length)."""
+    ``extra_text[i]`` appends that many more text tokens to sample i (to reach a target length).
+    ``videos_per_sample[i]``: videos ``(frames, h, w, second_per_grid)`` after sample i's images, wrapped
+    as ``<vision_start> <video_pad>*n <vision_end>`` (frames even: whole temporal patches)."""
     g = torch.Generator().manual_seed(seed)
     g_extra = torch.Generator().manual_seed(seed + 1)  # so extra_text does not change the rest
+    g_vid = torch.Generator().manual_seed(seed + 2)  # so videos do not change the rest either
+    vgrids, vsec = [], []
     v = cfg.vision
     unit = v.patch_size * v.spatial_merge_size
     special = min(cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id)
@@ -90,20 +107,35 @@ def synthetic_batch(
             n = gh * gw // v.spatial_merge_size**2
             toks += [cfg.vision_start_token_id] + [cfg.image_token_id] * n + [cfg.vision_end_token_id]
             toks += text(rand_len())
+        for frames, h_px, w_px, sec in (videos_per_sample[i] if videos_per_sample else []):
+            if h_px % unit or w_px % unit or frames % v.temporal_patch_size:
+                raise ValueError(f"video {frames}x{h_px}x{w_px}: sides must be multiples of {unit}, frames of "
+                                 f"{v.temporal_patch_size}")
+            gt, gh, gw = frames // v.temporal_patch_size, h_px // v.patch_size, w_px // v.patch_size
+            vgrids.append((gt, gh, gw))
+            vsec.append(sec)
+            n = gt * gh * gw // v.spatial_merge_size**2
+            toks += [cfg.vision_start_token_id] + [cfg.video_token_id] * n + [cfg.vision_end_token_id]
+            toks += text(int(torch.randint(text_len[0], text_len[1] + 1, (1,), generator=g_vid)), g_vid)
         if extra_text:
             toks += text(extra_text[i], g_extra)
         t = torch.tensor(toks, dtype=torch.long)
         samples.append(t)
         # Loss on text targets only (never predict a placeholder), like SFT masking of the prompt.
         nxt = torch.cat([t[1:], t.new_zeros(1)])
-        m = (nxt != cfg.image_token_id) & (nxt != cfg.vision_start_token_id)
+        m = (nxt != cfg.image_token_id) & (nxt != cfg.video_token_id) & (nxt != cfg.vision_start_token_id)
         m[: t.numel() // 4] = False  # a "prompt" prefix without loss
         masks.append(m.float())
     grid = torch.tensor(grids, dtype=torch.long) if grids else None
     pv = None
     if grid is not None:
         pv = torch.randn(int(grid.prod(-1).sum()), v.patch_dim, generator=g)
-    return SyntheticBatch(samples, grid, pv, masks)
+    out = SyntheticBatch(samples, grid, pv, masks)
+    if vgrids:
+        out.video_grid_thw = torch.tensor(vgrids, dtype=torch.long)
+        out.pixel_values_videos = torch.randn(int(out.video_grid_thw.prod(-1).sum()), v.patch_dim, generator=g_vid)
+        out.second_per_grid_ts = torch.tensor(vsec, dtype=torch.float32)
+    return out
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> None:
@@ -120,7 +152,7 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.1) -> None
                 p.copy_((std if p.dim() > 1 else std / 2) * noise)
 
 
-def build_hf_reference(cfg: Qwen25VLConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
+def build_hf_model(cfg: Qwen25VLConfig, seed: int = 0, dtype: torch.dtype = torch.float32):
     """``Qwen2_5_VLForConditionalGeneration`` with this architecture and random weights (eval mode)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -135,10 +167,8 @@ def hf_forward(model, cfg: Qwen25VLConfig, batch: SyntheticBatch) -> Tensor:
     ids, am = batch.padded()
     mm = torch.zeros_like(ids, dtype=torch.int32)
     mm[ids == cfg.image_token_id] = 1
-    return model(
-        input_ids=ids, attention_mask=am, pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-        mm_token_type_ids=mm,
-    ).logits
+    mm[ids == cfg.video_token_id] = 2
+    return model(input_ids=ids, attention_mask=am, mm_token_type_ids=mm, **batch.vision_kwargs()).logits
 
 
 __all__.append("hf_forward")

@@ -11,7 +11,11 @@ from typing import Callable, Sequence
 
 from m2mega.rewards import RewardConfig
 
-__all__ = ["evaluate_prompts", "evaluate_sampled", "validation_table", "mean_ci", "EVAL_METRICS"]
+from .rollout import generate_rollouts
+from .scoring import score_rollouts, task_metrics
+from .tables import format_table, mean_ci  # noqa: F401 (re-exported)
+
+__all__ = ["evaluate_prompts", "evaluate_sampled", "validation_table", "format_table", "mean_ci", "EVAL_METRICS"]
 
 EVAL_METRICS = ("correct", "accuracy", "reward", "format", "response_len", "repetition")
 
@@ -34,9 +38,6 @@ def evaluate_prompts(
     """Per-task (and ``"all"``) means of :data:`EVAL_METRICS` over ``prompts`` (``RLPrompt`` objects).
 
     ``samples``, when given, receives ``(prompt id, task, response text, reward, response token ids)``."""
-    from m2mega.train.rollout import task_metrics
-    from m2mega.train.rollout import generate_rollouts, score_rollouts
-
     sums: dict[str, dict[str, float]] = {}
     counts: dict[str, int] = {}
     was_training = model.training
@@ -85,8 +86,6 @@ def evaluate_sampled(
 
     ``pass@k`` well above ``mean@k`` means the policy can find answers it does not yet give reliably: the
     room RL has to sharpen it."""
-    from m2mega.train.rollout import generate_rollouts, score_rollouts
-
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     per_task: dict[str, list[tuple[float, float, float]]] = {}
@@ -126,25 +125,3 @@ def validation_table(model, prompts: Sequence, decode: Callable[[list[int]], str
         for task, d in sampled.items():
             table.setdefault(task, {}).update({m: v for m, v in d.items() if m != "n"})
     return table
-
-
-# two-sided 95% Student-t quantiles by degrees of freedom (seeds - 1); scipy is not a dependency for 30 numbers
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
-
-
-def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and half-width of its 95% t-interval over independent runs (seeds); NaN width for one run."""
-    import math
-
-    xs = [float(v) for v in values]
-    if not xs:
-        raise ValueError("mean_ci needs at least one value")
-    n = len(xs)
-    m = sum(xs) / n
-    if n == 1:
-        return m, float("nan")
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
-    df = n - 1
-    t = _T95[max(k for k in _T95 if k <= df)] if df <= 30 else 1.96
-    return m, t * sd / math.sqrt(n)
