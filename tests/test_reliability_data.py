@@ -57,7 +57,7 @@ def test_the_early_length_bound_never_exceeds_the_real_token_count(tok_dir):
 
 def _start_tool(tmp_path, tok_dir, workers: int):
     path = str(tmp_path / "in.jsonl")
-    write_sample_jsonl(path, 400, seed=1, n_images=4, image_sides=(300, 400))
+    write_sample_jsonl(path, 800, seed=1, n_images=4, image_sides=(300, 400))
     out = tmp_path / "out"
     cmd = [sys.executable, TOOL, "--input", path, "--output-prefix", str(out / "ds"), "--tokenizer-type",
            "HuggingFaceTokenizer", "--tokenizer-model", tok_dir, "--no-progress", "--chunk-size", "2",
@@ -67,7 +67,7 @@ def _start_tool(tmp_path, tok_dir, workers: int):
     deadline = time.time() + 90
     while time.time() < deadline and not (out.is_dir() and any(".tmp" in n for n in os.listdir(out))):
         time.sleep(0.05)
-    time.sleep(0.5)  # well inside the run: shards, the staged .bin and the reject file are being written
+    time.sleep(0.2)  # inside the run: shards, the staged .bin and the reject file are being written
     assert proc.poll() is None, "run finished before it could be stopped: make the input bigger"
     return proc, out
 

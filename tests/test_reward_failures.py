@@ -4,6 +4,7 @@ some samples and a math comparison cut off by its time limit score 0 and show up
 
 from __future__ import annotations
 
+import random
 import textwrap
 
 import pytest
@@ -37,9 +38,11 @@ def test_meter_counts_custom_failures_and_grader_timeouts_per_step(user_file):
     rs = compute_rewards(["<answer>boom</answer>", "<answer>good</answer>", "<answer>boom 2</answer>"], "x",
                          "general", "text", cfg)  # fmt: skip
     assert [r.accuracy for r in rs] == [0.0, 1.0, 0.0]
-    # comparing two sums takes math-verify 100-300 ms: with a 30 ms limit it times out, scored "not equal"
-    assert math_equal("F_n = \\sum_{k=0}^{n-1} F_k F_{n-k-1}", "F_n = \\sum_{k=0}^{n-1} F_{n-k-1} F_k",
-                      timeout_s=0.03) is False
+    # comparing two sums takes math-verify 100-300 ms: with a 5 ms limit it times out, scored "not equal"
+    # (a constant of this run's own keeps the grader's verdict cache from answering at once)
+    c = random.randrange(10**6, 10**7)
+    assert math_equal(f"F_n = \\sum_{{k=0}}^{{n-1}} F_k F_{{n-k-1}} + {c}",
+                      f"F_n = \\sum_{{k=0}}^{{n-1}} F_{{n-k-1}} F_k + {c}", timeout_s=0.005) is False
     assert meter.step() == {"custom_reward_failures": 2.0, "grader_timeouts": 1.0, "grader_errors": 0.0}
     assert meter.step() == {"custom_reward_failures": 0.0, "grader_timeouts": 0.0, "grader_errors": 0.0}
 
@@ -52,7 +55,7 @@ def _scored_decode(ids: list[int]) -> str:
 
 def _custom_failure_body(prefix: str, spec: str):
     import m2mega.runtime as rt
-    import m2mega.train.grpo as grpo
+    import m2mega.train.grpo_runner as grpo
     from m2mega.rl.rollout import Rollouts
     from m2mega.train.families import get_model_family
     from m2mega.train.loop import Trainer
