@@ -51,3 +51,31 @@ def test_demo_quick(tmp_path):
     assert len(rows) == n_in and all(0.0 <= r["difficulty"] <= 1.0 for r in rows)
     roll = [json.loads(l) for l in (out / "rl_scored.jsonl.rollouts.jsonl").read_text().splitlines()]
     assert len(roll) == n_in and all(len(r["responses"]) == 2 for r in roll)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("flag, families", [([], None), (["--families", "count", "order"], ["count", "order"])])
+def test_families_flag_reaches_the_data_stage(tmp_path, monkeypatch, flag, families):
+    """``--families`` (e.g. adding the video family ``order``) is what the data stage is asked for; without it,
+    the demo's own ``FAMILIES``. (The full --quick run with ``order`` included is too slow to repeat here.)"""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("m2mega_demo_flags", ROOT / "examples/demo/run_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    calls = []
+
+    def first_stage_only(cmd, log):
+        calls.append(cmd)
+        raise _Stop
+
+    monkeypatch.setattr(demo, "_run", first_stage_only)
+    monkeypatch.setattr(sys, "argv", ["run_demo.py", "--quick", "--out", str(tmp_path), *flag])
+    with pytest.raises(_Stop):
+        demo.main()
+    (cmd,) = calls
+    assert "tools/make_synthetic_data.py" in cmd[1]
+    assert cmd[cmd.index("--families") + 1:] == (families or list(demo.FAMILIES))

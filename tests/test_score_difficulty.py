@@ -148,8 +148,30 @@ def test_bad_reward_config(files, capsys):
     assert "rewards.json: reward config for task 'spatial'" in capsys.readouterr().err
 
 
+def test_media_paths_follow_the_output_directory(tmp_path):
+    """Relative image / video paths resolve against the JSONL's directory: an --output elsewhere gets them
+    rewritten to name the same files (absolute ones and text untouched), so the scored file preprocesses."""
+    (tmp_path / "data").mkdir()
+    content = [{"type": "image", "image": "images/a.png"}, {"type": "video", "video": "videos/c.mp4", "fps": 2},
+               {"type": "video", "video": ["frames/0.jpg", "/abs/1.jpg"]}, {"type": "text", "text": "images/a.png"}]
+    row = {**_row("v", "B"), "messages": [{"role": "user", "content": content}]}
+    src, rol = tmp_path / "data/rl.jsonl", tmp_path / "data/rollouts.jsonl"
+    src.write_text(json.dumps(row) + "\n")
+    rol.write_text(json.dumps({"id": "v", "responses": [R("B"), R("A")]}) + "\n")
+    for out, prefix in ((tmp_path / "out/deep/s.jsonl", "../../data/"), (tmp_path / "data/s.jsonl", "")):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        assert _run(["--input", str(src), "--rollouts", str(rol), "--output", str(out)]) == 0
+        (got,) = _read(out)
+        assert got["difficulty"] == 0.5 and got["messages"][0]["content"] == [
+            {"type": "image", "image": prefix + "images/a.png"},
+            {"type": "video", "video": prefix + "videos/c.mp4", "fps": 2},
+            {"type": "video", "video": [prefix + "frames/0.jpg", "/abs/1.jpg"]},
+            {"type": "text", "text": "images/a.png"}]
+
+
 def test_checkpoint_mode_names_a_missing_checkpoint(files, capsys):
-    """(The working --checkpoint path is exercised on the demo's checkpoint in tests/test_demo.py.)"""
+    """(The working --checkpoint path is exercised on the demo's checkpoint in tests/test_demo.py, on image and
+    video rows in tests/test_video_pipeline.py.)"""
     d, src, _, _ = files
     code = _run(["--input", str(src), "--checkpoint", "/nonexistent/ckpt", "--output", str(d / "o.jsonl")])
     err = capsys.readouterr().err

@@ -173,7 +173,9 @@ def test_sft_targets_earn_full_reward():
     pytest.importorskip("m2mega.rewards")
     from m2mega.rewards import compute_reward
 
-    for fam in FAMILIES:
+    from m2mega.data.synthetic import PERCEPTION_FAMILIES
+
+    for fam in FAMILIES + PERCEPTION_FAMILIES:
         for i in range(10):
             s = generate(fam, 11, "sft", i)
             r = compute_reward(f"<think>{s.reasoning}</think><answer>{s.answer}</answer>", answer=s.answer,
@@ -212,3 +214,60 @@ def test_brief_reasoning_keeps_the_conclusion(tmp_path):
         assert tb.split("</think>")[0].removeprefix("<think>") in tf
     with pytest.raises(ValueError, match="reasoning must be"):
         write_dataset(str(tmp_path / "x"), n_sft=1, n_rl=0, n_eval=0, reasoning="long")
+
+
+def test_perception_answers_match_the_pixels():
+    """hue / corners / larger / quadrant / width: the answer is what the pixels show; the miss is the
+    neighbouring class."""
+    from m2mega.data.synthetic import CORNERS, CYCLE, HUES, PERCEPTION_FAMILIES
+
+    assert set(PERCEPTION_FAMILIES) == {"hue", "corners", "larger", "quadrant", "width"}
+    for i in range(N):
+        s = generate("hue", 7, "sft", i)
+        img = np.asarray(s.render())
+        shown = [c for c, rgb in HUES.items() if _mask(img, rgb).sum() > 50]
+        assert shown == [s.answer], (i, shown, s.answer)
+        assert s.miss[0] == CYCLE[(CYCLE.index(s.answer) + 1) % len(CYCLE)] != s.answer
+
+        s = generate("corners", 7, "sft", i)
+        (comp,) = _components(_mask(np.asarray(s.render()), HUES[s.params["color"]]))
+        assert str(CORNERS[_kind(comp)]) == s.answer and s.miss[0] != s.answer, i
+
+        s = generate("larger", 7, "sft", i)
+        img = np.asarray(s.render())
+        colored = ~np.all(img == img[..., :1], axis=-1)
+        left, right = colored[:, :28].sum(), colored[:, 28:].sum()
+        assert ("A" if left > right else "B") == s.answer and s.miss[0] == ("B" if s.answer == "A" else "A"), i
+
+        s = generate("quadrant", 7, "sft", i)
+        ys, xs = np.nonzero(~np.all(np.asarray(s.render()) == 255, axis=-1))
+        q = "ABCD"[int(ys.mean() >= 28) * 2 + int(xs.mean() >= 28)]
+        assert q == s.answer and s.miss[0] == "ABCD"[("ABCD".index(q) + 1) % 4], i
+
+        s = generate("width", 7, "sft", i)
+        xs = np.nonzero(_mask(np.asarray(s.render()), COLORS["orange"]).any(axis=0))[0]
+        assert round((xs.max() - xs.min() + 1) / 5.6) == int(s.answer) and s.miss[0] == str(int(s.answer) + 1), i
+
+
+def test_teacher_accuracy_puts_the_miss_in_sft_rows_only(tmp_path):
+    """A weaker teacher: about 1 - p of the SFT rows carry the family's miss (answer and reasoning), the row's
+    ``answer`` stays the truth, the manifest counts the misses, and the RL / eval splits are untouched."""
+    from m2mega.data.synthetic import PERCEPTION_FAMILIES
+    from m2mega.rewards import compute_reward
+
+    m = write_dataset(str(tmp_path / "t"), n_sft=400, n_rl=8, n_eval=8, seed=5, families=PERCEPTION_FAMILIES,
+                      reasoning="brief", teacher_accuracy=0.5)
+    clean = write_dataset(str(tmp_path / "c"), n_sft=400, n_rl=8, n_eval=8, seed=5, families=PERCEPTION_FAMILIES,
+                          reasoning="brief")
+    rows = [json.loads(l) for l in open(tmp_path / "t/sft.jsonl")]
+    wrong = [r for r in rows if not compute_reward(r["messages"][-1]["content"], answer=r["answer"], task=r["task"],
+                                                   answer_type=r["answer_type"]).correct]
+    assert 150 <= len(wrong) <= 250 and sum(m["splits"]["sft"]["teacher_misses"].values()) == len(wrong)
+    assert {r["family"] for r in wrong} == set(PERCEPTION_FAMILIES)
+    for r, c in zip(rows, open(tmp_path / "c/sft.jsonl")):
+        assert r["answer"] == json.loads(c)["answer"]  # same samples, the truth kept
+    for split in ("rl", "eval"):
+        assert (tmp_path / f"t/{split}.jsonl").read_text() == (tmp_path / f"c/{split}.jsonl").read_text()
+    assert clean["splits"]["sft"]["teacher_misses"] == {}
+    with pytest.raises(ValueError, match="teacher_accuracy must be in"):
+        write_dataset(str(tmp_path / "x"), n_sft=1, n_rl=0, n_eval=0, teacher_accuracy=1.5)

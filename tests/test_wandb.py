@@ -69,14 +69,17 @@ def test_offline_run_has_tensorboards_scalars_and_the_config(runtime, tmp_path, 
 
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1, runs
-    history, run_config = [], None
+    history, run_config, kinds = [], None, []
     for rec in _wandb_records(runs[0]):
         kind = rec.WhichOneof("record_type")
+        kinds.append(kind)
         if kind == "history":
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
         elif kind == "run":
             run_config = {u.key: json.loads(u.value_json) for u in rec.run.config.update}
             assert rec.run.display_name == "tiny-wandb" and rec.run.project == "m2mega-test"
+    # train() returned: the sink's close() waited for wandb-core to write the whole log, up to its exit record.
+    assert kinds[-1:] == ["exit"], f"{runs[0]} is incomplete after train() returned: {kinds}"
     assert run_config is not None and run_config["schedule"]["train_iters"] == n
     assert run_config["logging"]["wandb_project"] == "m2mega-test"
 

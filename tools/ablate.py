@@ -31,7 +31,7 @@ ARMS: dict[str, dict] = {
     "ednm_lambda5": {"grpo": {"ednm_lambda": 5.0}},
     "binary_numeric": {"grpo": {"numeric_reward": "binary"}},
     "static_weights": {"grpo": {"advantage_weighting": "static"}},
-    "constant_kl": {"grpo": {"kl_schedule": "constant", "beta": 0.0225}},  # the cosine's mean (0.04 -> 0.005)
+    "constant_kl": {"grpo": {"kl_schedule": "constant"}},  # beta: the baseline cosine's mean (arm_config)
     "repetition_penalty": {"grpo": {"repetition_penalty": True}},
 }
 
@@ -48,6 +48,12 @@ def arm_config(base: dict, arm: str, out: Path) -> dict:
     cfg = copy.deepcopy(base)
     for section, kv in ARMS[arm].items():
         cfg.setdefault(section, {}).update(kv)
+    g = cfg["grpo"]
+    if arm == "constant_kl":  # the same KL budget as Eq. 7's cosine, spent evenly
+        g["beta"] = (g["beta_max"] + g["beta_min"]) / 2
+    # only the curve's end point is scored: evaluate at the start and the end, greedily
+    g["eval_interval"] = cfg["schedule"]["train_iters"]
+    g["eval_samples"] = 0
     cfg["checkpoint"] = {**cfg["checkpoint"], "save_dir": str(out / f"ckpt_{arm}"), "save_at_end": False}
     cfg["logging"] = {**cfg["logging"], "tensorboard_dir": str(out / f"tb/{arm}")}
     return cfg
@@ -131,12 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     demo = _demo()
     S = demo.QUICK if a.quick else demo.FULL
     out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results: dict[str, list[dict]] = {arm: [] for arm in arms}
     for i in range(a.seeds):
         seed = a.seed + i
         sdir = out / f"seed_{seed}"
-        _, _, base = demo.prepare(sdir, seed, S)
+        _, _, base = demo.prepare(sdir, seed, S, evaluate_init=False)
         for arm in arms:
             demo._say(f"seed {seed}: arm {arm}")
             _, curve = demo.grpo_stage(sdir, S, arm_config(base, arm, sdir), tag=f"grpo_{arm}")

@@ -29,17 +29,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="task families to include (rotated evenly); 'order' is the video family (not a default)")
     p.add_argument("--reasoning", choices=("full", "brief"), default="full",
                    help="SFT <think> content: the worked reasoning, or only its concluding sentence")
+    p.add_argument("--teacher-accuracy", type=float, default=1.0,
+                   help="share of SFT rows with the right answer; the rest get the family's plausible miss (a "
+                        "weaker teacher's cold-start data, which leaves GRPO room to sharpen; the hue/corners/"
+                        "larger/width families model a miss)")
     a = p.parse_args(argv)
+    if not 0.0 <= a.teacher_accuracy <= 1.0:
+        p.error(f"--teacher-accuracy must be in [0, 1], got {a.teacher_accuracy}")
     for name in ("sft", "rl", "eval"):
         if getattr(a, name) < 0:
             p.error(f"--{name} must be >= 0")
     t0 = time.perf_counter()
     manifest = write_dataset(a.out, n_sft=a.sft, n_rl=a.rl, n_eval=a.eval, seed=a.seed, families=a.families,
-                             reasoning=a.reasoning)
+                             reasoning=a.reasoning, teacher_accuracy=a.teacher_accuracy)
     n = sum(s["rows"] for s in manifest["splits"].values())
     dt = time.perf_counter() - t0
     for split, info in manifest["splits"].items():
-        print(f"{split:5s} {info['rows']:6d} rows -> {a.out}/{info['file']}  {info['per_family']}")
+        misses = f"  teacher misses {info['teacher_misses']}" if info.get("teacher_misses") else ""
+        print(f"{split:5s} {info['rows']:6d} rows -> {a.out}/{info['file']}  {info['per_family']}{misses}")
     print(f"{n} samples in {dt:.2f}s ({n / max(dt, 1e-9):.0f} samples/s)")
     return 0
 

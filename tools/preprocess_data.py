@@ -98,9 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # the engine has removed its temporary files
-        print("error: interrupted", file=sys.stderr)
+    # The engine turns SIGINT into KeyboardInterrupt and SIGTERM into SystemExit(143) at any moment of the
+    # run, after removing its temporary files.
+    except KeyboardInterrupt:
+        print("error: interrupted (SIGINT); temporary files removed", file=sys.stderr)
         return 130
+    except SystemExit as e:
+        if e.code != 143:
+            raise
+        print("error: terminated (SIGTERM); temporary files removed", file=sys.stderr)
+        return 143
     rate = res.rows / max(res.seconds, 1e-9)
     print(
         f"rows {res.rows}  accepted {res.accepted}  rejected {res.rejected} ({100 * res.reject_fraction:.2f}%)  "

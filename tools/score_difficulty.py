@@ -23,6 +23,9 @@ Output: every input row, in input order, with ``difficulty`` (in [0, 1]) and ``d
 * rows with fewer than ``--min-rollouts`` rollouts (default 1) are kept unchanged without a difficulty
   (``--drop-missing`` drops them).
 
+Relative image / video paths are rewritten to name the same files from ``--output``'s directory when it
+differs from ``--input``'s (``tools/preprocess_data.py`` resolves them against the JSONL's directory).
+
 Every category is counted in the report (stderr, and ``--report`` as JSON) with example ids, and rollouts
 whose id is not in the input are reported as ``orphan_rollouts``: nothing is lost silently.
 
@@ -32,7 +35,10 @@ and never held. Exit code 0, or 2 on unusable input (malformed JSON, a row witho
 the message names file and line).
 
 ``--checkpoint`` (generate the rollouts with a model instead of reading them) samples them with the
-checkpoint's own model, sampling settings and preprocessing (``m2mega.train.rollout_files.write_rollouts``).
+checkpoint's own model, sampling settings and preprocessing (``m2mega.train.rollout_files.write_rollouts``),
+images and videos alike (a video row is decoded with the training data's video settings: fps, frame and
+pixel bounds). A row the preprocessor rejects (e.g. a missing or truncated clip) gets no rollouts: it is
+kept unscored and counted as ``missing_rollouts``, its reason in ``OUTPUT.rollouts.jsonl.rejects.jsonl``.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -208,6 +215,27 @@ def score_rollout_file(
             pool.join()
 
 
+def _rebase_media(obj: dict, from_dir: str, to_dir: str) -> None:
+    """Rewrite the row's relative image / video paths (resolved against the input JSONL's directory by
+    ``tools/preprocess_data.py``) so they name the same files from the output's directory: without this, an
+    ``--output`` in another directory would leave every media path of the scored file dangling."""
+    def fix(path):
+        if not isinstance(path, str) or not path or os.path.isabs(path):
+            return path
+        return os.path.relpath(os.path.join(from_dir, path), to_dir)
+
+    for m in obj.get("messages") or []:
+        content = m.get("content") if isinstance(m, dict) else None
+        for part in content if isinstance(content, list) else []:
+            if not isinstance(part, dict):
+                continue
+            if part.get("type") == "image" and "image" in part:
+                part["image"] = fix(part["image"])
+            elif part.get("type") == "video" and "video" in part:
+                v = part["video"]
+                part["video"] = [fix(f) for f in v] if isinstance(v, list) else fix(v)
+
+
 def write_output(
     in_path: str,
     out_path: str,
@@ -221,10 +249,13 @@ def write_output(
     """Pass 3: copy the input rows in order, adding the difficulty or dropping them (all counted)."""
     from tqdm import tqdm
 
+    in_dir, out_dir = (os.path.dirname(os.path.abspath(p)) for p in (in_path, out_path))
     with open(out_path, "w", encoding="utf-8") as out:
         for lineno, line in tqdm(_iter_jsonl(in_path), desc="write", unit="rows", disable=not progress):
             obj = _load(in_path, lineno, line)
             rid = _row_id(in_path, lineno, obj)
+            if in_dir != out_dir:
+                _rebase_media(obj, in_dir, out_dir)
             e = index[rid]
             report.counts["rows"] += 1
             if e.error is not None:

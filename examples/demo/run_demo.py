@@ -93,12 +93,17 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1234, help="seed of the first run (data, init, sampling)")
     ap.add_argument("--seeds", type=int, default=1, help="independent runs (seed, seed+1, ...); >1 adds a "
                                                          "summary with the mean and a 95%% interval")
+    from m2mega.data.synthetic import ALL_FAMILIES
+
+    ap.add_argument("--families", nargs="+", choices=ALL_FAMILIES, default=None,
+                    help="task families of the synthetic data (default: the demo's own); add the video family "
+                         "with e.g. --families count measure compare arith order")
     a = ap.parse_args()
     if a.seeds < 1:
         ap.error(f"--seeds must be >= 1, got {a.seeds}")
     out = Path(a.out).resolve()
     t0 = time.perf_counter()
-    runs = [run_seed(out if a.seeds == 1 else out / f"seed_{a.seed + i}", a.seed + i, a.quick)
+    runs = [run_seed(out if a.seeds == 1 else out / f"seed_{a.seed + i}", a.seed + i, a.quick, a.families)
             for i in range(a.seeds)]
     summary = _summary(runs, time.perf_counter() - t0)
     print("\n" + summary, flush=True)
@@ -128,9 +133,12 @@ def _summary(runs: list[dict], wall_s: float) -> str:
     return "\n".join(lines)
 
 
-def run_seed(out: Path, seed: int, quick: bool) -> dict:
-    """The whole pipeline for one seed in ``out``; returns the held-out numbers after SFT and after GRPO."""
+def run_seed(out: Path, seed: int, quick: bool, families: list[str] | None = None) -> dict:
+    """The whole pipeline for one seed in ``out``; returns the held-out numbers after SFT and after GRPO.
+    ``families``: the synthetic task families (``--families``; None: the sizes' own or ``FAMILIES``)."""
     S = QUICK if quick else FULL
+    if families:
+        S = {**S, "families": tuple(families)}
     t_start = time.perf_counter()
     before, after_sft, grpo_cfg = prepare(out, seed, S)
 

@@ -27,7 +27,6 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
@@ -38,6 +37,7 @@ import numpy as np
 from .chat_template import DEFAULT_SYSTEM_PROMPT, render_segments, with_system_prompt
 from .dataset_meta import tokenizer_record
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, IMAGE_FORMATS, grid_of, load_image, vision_tokens
+from .interrupts import StopSignals
 from .indexed import VIDEO_DTYPE, EncodedSample, IndexedSamples, SampleWriter, dataset_files
 from .ordering import ORDERS, curriculum_order, shuffle_order
 from .schema import RejectError, Row, parse_row, reason_code
@@ -291,6 +291,8 @@ def _init_worker(cfg: PreprocessConfig, single_thread: bool = True) -> None:
         # up); a forked worker must not inherit the parent's SIGTERM handler either.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if hasattr(signal, "pthread_sigmask"):  # forked with both blocked (StopSignals.deferred): a pending
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))  # SIGTERM ends us now
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         import torch
 
@@ -322,6 +324,7 @@ class _ChunkResult:
 
 def _process_chunk(chunk: _Chunk) -> _ChunkResult:
     cfg, tok = _STATE["cfg"], _STATE["tok"]
+    stop = _STATE.get("stop")  # set on the main process only (single-worker runs)
     base = os.path.dirname(os.path.abspath(chunk.path))
     writer = SampleWriter(chunk.shard)
     rejects, rows = [], 0
@@ -329,6 +332,8 @@ def _process_chunk(chunk: _Chunk) -> _ChunkResult:
         with open(chunk.path, "rb") as f:
             f.seek(chunk.offset)
             for k in range(chunk.n_lines):
+                if stop is not None:
+                    stop.check()
                 raw = f.readline()
                 lineno = chunk.first_line + k
                 rows += 1
@@ -391,15 +396,16 @@ def preprocess(
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
     tmp_dir = os.path.join(out_dir, f".{os.path.basename(output_prefix)}.tmp{os.getpid()}")
-    os.makedirs(tmp_dir, exist_ok=True)
     res = PreprocessResult(workers=cfg.workers, reject_file=reject_file)
     reasons: Counter = Counter()
     t0 = time.time()
     reject_tmp = reject_file + f".tmp{os.getpid()}"
     stage = os.path.join(tmp_dir, "all")
     pool = merged = None
-    old_term = _raise_on_sigterm()
+    stop = StopSignals()  # SIGINT/SIGTERM raise here, so the cleanup below runs (and a swallowed raise is redone)
     try:
+        stop.__enter__()  # inside the try: a signal from now on (even mid-install) ends in the finally
+        os.makedirs(tmp_dir, exist_ok=True)
         from tqdm import tqdm
 
         bar = tqdm(unit="row", desc="preprocess", disable=not cfg.progress, file=sys.stderr, mininterval=1.0)
@@ -407,11 +413,14 @@ def preprocess(
         chunks = _chunks(inputs, cfg.chunk_size, tmp_dir)
         if cfg.workers == 1:
             _init_worker(cfg, single_thread=False)
+            _STATE["stop"] = stop
             results = map(_process_chunk, chunks)
         else:
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,))
-            results = pool.imap(_process_chunk, chunks)  # ordered: shards are appended in chunk order
+            # Each fork runs Python at-fork hooks, which swallow a KeyboardInterrupt raised in them.
+            with stop.deferred():
+                pool = ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,))
+            results = _poll(pool.imap(_process_chunk, chunks), stop)  # ordered: shards appended in chunk order
         with open(reject_tmp, "w", encoding="utf-8") as rf:
             for r in results:
                 merged.append_dataset(r.shard)
@@ -426,6 +435,7 @@ def preprocess(
                 res.rejected += len(r.rejects)
                 bar.update(r.rows)
                 bar.set_postfix(ok=res.accepted, rejects=res.rejected, refresh=False)
+                stop.check()
         bar.close()
         if pool is not None:
             pool.close()
@@ -447,6 +457,7 @@ def preprocess(
             "config": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "workers")},
             "preprocess": {k: v for k, v in asdict(res).items() if k not in ("files", "seconds", "workers")},
         }
+        stop.check()  # last point before the outputs are committed
         if cfg.order == "input" or merged.num_samples == 0:
             res.files = merged.finalize(meta, prefix=output_prefix)
         else:
@@ -464,22 +475,22 @@ def preprocess(
         raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        _STATE.pop("stop", None)
+        stop.__exit__(None, None, None)
     return res
 
 
-def _raise_on_sigterm():
-    """SIGTERM (a scheduler's kill, ``timeout``) would end the process without the cleanup below, leaving
-    ``*.tmpPID*`` files: turn it into ``SystemExit(143)`` (128 + SIGTERM, what the shell reports) so the
-    ``except``/``finally`` blocks run. Returns the previous handler (None off the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def _exit(signum, frame):
-        raise SystemExit(128 + signum)
-
-    return signal.signal(signal.SIGTERM, _exit)
+def _poll(results, stop: StopSignals, every: float = 0.25) -> Iterator:
+    """``results`` (a pool's ``imap``) with ``stop.check()`` while waiting: a stop signal whose raise was
+    swallowed (in a finalizer or GC callback) still ends the run within ``every`` seconds, not after the
+    next chunk."""
+    while True:
+        try:
+            yield results.next(timeout=every)
+        except mp.TimeoutError:
+            stop.check()
+        except StopIteration:
+            return
 
 
 def _reorder(stage: str, output_prefix: str, cfg: PreprocessConfig, meta: dict) -> list[str]:

@@ -40,12 +40,13 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["FAMILIES", "VIDEO_FAMILIES", "ALL_FAMILIES", "SPLITS", "Sample", "generate", "to_row",
+__all__ = ["FAMILIES", "PERCEPTION_FAMILIES", "VIDEO_FAMILIES", "ALL_FAMILIES", "SPLITS", "Sample", "generate", "to_row",
            "write_dataset", "COLORS"]
 
 FAMILIES = ("count", "measure", "compare", "arith")  # the default (image) families
+PERCEPTION_FAMILIES = ("hue", "corners", "larger", "quadrant", "width")  # one visual feature each
 VIDEO_FAMILIES = ("order",)
-ALL_FAMILIES = FAMILIES + VIDEO_FAMILIES
+ALL_FAMILIES = FAMILIES + PERCEPTION_FAMILIES + VIDEO_FAMILIES
 VIDEO_FPS = 2.0  # the clips' frame rate, which is also the sampling rate: every frame is used
 SPLITS = ("sft", "rl", "eval")
 COLORS = {"red": (230, 0, 0), "blue": (0, 70, 230), "green": (0, 160, 0), "orange": (255, 140, 0),
@@ -70,6 +71,9 @@ class Sample:
     draw: Callable[[ImageDraw.ImageDraw], None] | None = None
     frames: int = 0  # > 0: a video family; draw_frame(d, k) draws frame k
     draw_frame: Callable[[ImageDraw.ImageDraw, int], None] | None = None
+    # A weaker teacher's plausible wrong (answer, reasoning) -- the neighbouring class: write_dataset's
+    # teacher_accuracy puts it in SFT rows. None: the family has no modelled miss.
+    miss: tuple[str, str] | None = None
 
     def render(self) -> Image.Image:
         img = Image.new("RGB", (self.size, self.size), WHITE)
@@ -350,7 +354,116 @@ def _order(rng: random.Random) -> Sample:
                   {"shapes": names, "appear": appear, "boxes": boxes, "steps": steps}, None, 2 * steps, draw_frame)
 
 
-_GENERATORS = {"count": _count, "measure": _measure, "compare": _compare, "arith": _arith, "order": _order}
+
+
+# ------------------------------------------------------------------ one-feature (perception) families
+# Each asks about one visual feature a tiny vision tower can learn (colour, shape, relative size, length)
+# and names the neighbouring class as the weaker teacher's miss: with teacher_accuracy < 1 the cold-start
+# policy samples the right answer and the miss, which leaves GRPO room to sharpen (docs/grpo.md).
+
+# Four far-apart hues (COLORS' blue/purple and red/orange are too close for a tiny vision tower to tell
+# apart quickly); hue's miss is the next colour in this cycle.
+HUES = {"red": (230, 0, 0), "yellow": (240, 220, 0), "green": (0, 160, 0), "blue": (0, 70, 230)}
+CYCLE = list(HUES)
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+CORNERS = {"circle": 0, "triangle": 3, "square": 4}
+NEXT_KIND = {"circle": "triangle", "triangle": "square", "square": "circle"}
+
+
+def _one_shape(rng: random.Random, size: int = 56) -> tuple[tuple[int, int, int, int], int]:
+    s = rng.randint(size // 3, size - 8)
+    x, y = rng.randint(2, size - 2 - s), rng.randint(2, size - 2 - s)
+    return (x, y, x + s - 1, y + s - 1), s
+
+
+def _hue(rng: random.Random) -> Sample:
+    kind, col = rng.choice(KINDS), rng.choice(CYCLE)
+    box, s = _one_shape(rng)
+    miss = CYCLE[(CYCLE.index(col) + 1) % len(CYCLE)]
+
+    def draw(d):
+        _shape(d, kind, box, HUES[col])
+
+    return Sample("hue", "general", "text", "What colour is the shape?", col, f"The shape is {col}.",
+                  1 - (s - 18) / 38, 56, {"kind": kind, "color": col, "box": box}, draw,
+                  miss=(miss, f"The shape is {miss}."))
+
+
+def _corners(rng: random.Random) -> Sample:
+    kind, col = rng.choice(KINDS), rng.choice(CYCLE)
+    box, s = _one_shape(rng)
+    n, mk = CORNERS[kind], NEXT_KIND[kind]
+
+    def draw(d):
+        _shape(d, kind, box, HUES[col])
+
+    return Sample("corners", "general", "number", "How many corners does the shape have?", str(n),
+                  f"The shape is a {kind}, and a {kind} has {n} corners.", 1 - (s - 18) / 38, 56,
+                  {"kind": kind, "color": col, "box": box}, draw,
+                  miss=(str(CORNERS[mk]), f"The shape is a {mk}, and a {mk} has {CORNERS[mk]} corners."))
+
+
+def _larger(rng: random.Random) -> Sample:
+    (ca, cb), ka, kb = rng.sample(CYCLE, 2), rng.choice(KINDS), rng.choice(KINDS)
+    while True:
+        sa, sb = rng.randint(8, 26), rng.randint(8, 26)
+        aa, ab = _area(ka, sa), _area(kb, sb)
+        if max(aa, ab) / min(aa, ab) >= 1.5 and (_pixel_area(ka, sa) > _pixel_area(kb, sb)) == (aa > ab):
+            break
+    boxes = []
+    for s, x_off in ((sa, 0), (sb, 28)):  # A in the left half, B in the right half
+        x, y = x_off + rng.randint(1, 27 - s), rng.randint(1, 55 - s)
+        boxes.append((x, y, x + s - 1, y + s - 1))
+    ans, other = ("A", "B") if aa > ab else ("B", "A")
+    name = {"A": f"{ca} {ka}", "B": f"{cb} {kb}"}
+    q = f"Which shape is larger?\nA. the {ca} {ka}\nB. the {cb} {kb}\nAnswer with the option's letter."
+
+    def draw(d):
+        _shape(d, ka, boxes[0], HUES[ca])
+        _shape(d, kb, boxes[1], HUES[cb])
+
+    ratio = max(aa, ab) / min(aa, ab)
+    return Sample("larger", "spatial", "choice", q, ans, f"The {name[ans]} is larger, so option {ans}.",
+                  max(0.0, 1 - (ratio - 1.5) / 3), 56, {"kinds": [ka, kb], "sides": [sa, sb], "boxes": boxes},
+                  draw, miss=(other, f"The {name[other]} is larger, so option {other}."))
+
+
+def _quadrant(rng: random.Random) -> Sample:
+    q = rng.randrange(4)
+    kind, col, s = rng.choice(KINDS), rng.choice(CYCLE), rng.randint(10, 24)
+    x = rng.randint(1, 27 - s) + 28 * (q % 2)
+    y = rng.randint(1, 27 - s) + 28 * (q // 2)
+    box = (x, y, x + s - 1, y + s - 1)
+    letters = "ABCD"
+    options = "\n".join(f"{letters[i]}. {name}" for i, name in enumerate(QUADRANTS))
+    question = f"In which part of the image is the shape?\n{options}\nAnswer with the option's letter."
+    m = (q + 1) % 4
+
+    def draw(d):
+        _shape(d, kind, box, HUES[col])
+
+    return Sample("quadrant", "spatial", "choice", question, letters[q],
+                  f"The shape is in the {QUADRANTS[q]}, so option {letters[q]}.", 1 - (s - 10) / 14, 56,
+                  {"kind": kind, "color": col, "box": box}, draw,
+                  miss=(letters[m], f"The shape is in the {QUADRANTS[m]}, so option {letters[m]}."))
+
+
+def _width(rng: random.Random) -> Sample:
+    k = rng.randint(1, 9)
+    length = round(k * 5.6)  # k tenths of the 56 px image
+    x0, y0 = rng.randint(0, 56 - length), rng.randint(2, 46)
+
+    def draw(d):
+        d.rectangle((x0, y0, x0 + length - 1, y0 + 7), fill=COLORS["orange"])
+
+    return Sample("width", "spatial", "number", "The image is 10 m wide. How long is the orange bar, in metres?",
+                  str(k), f"The orange bar spans {k} tenths of the width: {k} m.", abs(k - 5) / 4, 56,
+                  {"k": k, "x0": x0, "y0": y0}, draw,
+                  miss=(str(k + 1), f"The orange bar spans {k + 1} tenths of the width: {k + 1} m."))
+
+
+_GENERATORS = {"count": _count, "measure": _measure, "compare": _compare, "arith": _arith, "order": _order,
+               "hue": _hue, "corners": _corners, "larger": _larger, "quadrant": _quadrant, "width": _width}
 
 
 # ----------------------------------------------------------------------------------------- rows
@@ -390,12 +503,17 @@ def to_row(sample: Sample, sample_id: str, image_path: str, with_assistant: bool
 
 
 def write_dataset(out_dir: str, *, n_sft: int, n_rl: int, n_eval: int, seed: int = 1234,
-                  families: Sequence[str] = FAMILIES, reasoning: str = "full") -> dict:
+                  families: Sequence[str] = FAMILIES, reasoning: str = "full", teacher_accuracy: float = 1.0) -> dict:
     """Write ``sft.jsonl``, ``rl.jsonl``, ``eval.jsonl``, ``images/`` (``videos/`` for video families) and
     ``manifest.json`` under ``out_dir``.
 
-    Families rotate by sample index, so every split holds them in equal shares. Returns the manifest.
+    Families rotate by sample index, so every split holds them in equal shares. ``teacher_accuracy`` < 1
+    models cold-start data distilled from a weaker teacher: each SFT row of a family with a modelled miss
+    (``Sample.miss``) gets the miss's answer and reasoning with probability ``1 - teacher_accuracy`` (the
+    row's ``answer`` field stays the truth; the manifest counts the misses per family). Returns the manifest.
     """
+    if not 0.0 <= teacher_accuracy <= 1.0:
+        raise ValueError(f"teacher_accuracy must be in [0, 1], got {teacher_accuracy}")
     unknown = [f for f in families if f not in _GENERATORS]
     if unknown or not families:
         raise ValueError(f"unknown families {unknown}; expected a non-empty subset of {ALL_FAMILIES}")
@@ -405,9 +523,11 @@ def write_dataset(out_dir: str, *, n_sft: int, n_rl: int, n_eval: int, seed: int
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     held_out: set[str] = set()
     manifest: dict = {"generator_version": GENERATOR_VERSION, "seed": seed, "families": list(families),
-                      "splits": {}}
+                      "teacher_accuracy": teacher_accuracy, "splits": {}}
+    teacher = random.Random(f"{seed}:teacher")
     for split, n in (("eval", n_eval), ("sft", n_sft), ("rl", n_rl)):
         counts: dict[str, int] = {}
+        misses: dict[str, int] = {}
         path = os.path.join(out_dir, f"{split}.jsonl")
         with open(path + ".tmp", "w") as f:
             for i in range(n):
@@ -431,10 +551,16 @@ def write_dataset(out_dir: str, *, n_sft: int, n_rl: int, n_eval: int, seed: int
                     rel = f"images/{sid}.png"
                     s.render().save(os.path.join(out_dir, rel), format="PNG")
                 row = to_row(s, sid, rel, with_assistant=split == "sft", reasoning=reasoning)
+                if split == "sft" and s.miss is not None and teacher.random() >= teacher_accuracy:
+                    answer, why = s.miss
+                    row["messages"][-1]["content"] = f"<think>{why}</think><answer>{answer}</answer>"
+                    misses[fam] = misses.get(fam, 0) + 1
                 f.write(json.dumps(row, sort_keys=True) + "\n")
                 counts[fam] = counts.get(fam, 0) + 1
         os.replace(path + ".tmp", path)
         manifest["splits"][split] = {"file": f"{split}.jsonl", "rows": n, "per_family": counts}
+        if split == "sft":
+            manifest["splits"][split]["teacher_misses"] = misses
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
     return manifest

@@ -60,10 +60,19 @@ class _WandbBackend:
         self._row, self._row_iteration = {}, None
 
     def close(self) -> None:
+        """Finish the run; on return its offline ``run-*.wandb`` log is complete on disk."""
         if self._run is not None:
+            import wandb
+
             self.flush()
             self._run.finish()
             self._run = None
+            # finish() only tells wandb-core the run is over (a message it does not wait on); the run's
+            # transaction log is flushed and closed later, by the service, at worst at interpreter exit
+            # (or never, after os._exit / a kill, or in a multiprocessing child). teardown() waits for the
+            # service to close every stream and exit. Skipped when another run (not ours) is still active.
+            if wandb.run is None:
+                wandb.teardown()
 
 
 class MetricsSink:
