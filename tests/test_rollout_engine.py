@@ -40,11 +40,18 @@ NEW = 10
 PAD = 0
 
 
-@functools.lru_cache(maxsize=1)
-def _reference():
-    from m2mega.models.qwen25vl.hf_parity import build_hf_model, synthetic_batch
+def _config(kv_heads: int = 2):
+    import dataclasses
 
     cfg = preset("tiny")
+    return cfg if kv_heads == 2 else cfg.replace(text=dataclasses.replace(cfg.text, num_key_value_heads=kv_heads))
+
+
+@functools.lru_cache(maxsize=2)
+def _reference(kv_heads: int = 2):
+    from m2mega.models.qwen25vl.hf_parity import build_hf_model, synthetic_batch
+
+    cfg = _config(kv_heads)
     batch = synthetic_batch(cfg, IMAGES, seed=3)
     hf = build_hf_model(cfg, seed=11)
     S = max(s.numel() for s in batch.samples)
@@ -87,10 +94,10 @@ def model():
         rt.shutdown()
 
 
-def _requests(G: int, order=(0, 1, 2), **kw):
+def _requests(G: int, order=(0, 1, 2), kv_heads: int = 2, **kw):
     from m2mega.inference.engine import Request
 
-    _, batch, pv, grids, _, _ = _reference()
+    _, batch, pv, grids, _, _ = _reference(kv_heads)
     return [Request(batch.samples[i], pv[i], grids[i], num_samples=G, key=i, **kw) for i in order]
 
 
@@ -221,6 +228,47 @@ def test_slab_and_rotary_table_never_move_and_padded_decode_matches(model):
     assert torch.allclose(compact, padded[:3], atol=1e-5, rtol=0), (compact - padded[:3]).abs().max()
 
 
+def test_cpu_fast_paths_equal_the_reference_ops(model):
+    """The CPU decode's shortcuts: torch's rms_norm == the model's five-op RMSNorm bit for bit; packed
+    [in, out] weights and matmul attention give SDPA + F.linear's logits; the packed copies exist only
+    during generate()."""
+    from m2mega.inference.engine import RolloutEngine
+    from m2mega.inference.stage import _rms
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((1, 64), (7, 256), (33, 48)):
+        x, w = torch.randn(*shape, generator=g) * 3, torch.randn(shape[-1], generator=g)
+        ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+        assert torch.equal(_rms(x, w, 1e-6, False), ref)
+    eng = RolloutEngine(model, max_batch=4)
+    st = eng.stage
+    slab = st.new_slab(4, 64)
+    tok, pos = torch.tensor([5, 9, 11]), torch.tensor([20, 31, 7])
+    for i in range(3):
+        slab.k[:, i].normal_(generator=g)
+        slab.v[:, i].normal_(generator=g)
+        slab.mask[i, : int(pos[i]) + 1] = 0.0
+    k0, v0 = slab.k.clone(), slab.v.clone()
+    outs = {}
+    with torch.no_grad():
+        for packed in (False, True):
+            for matmul in (False, True):
+                slab.k.copy_(k0)
+                slab.v.copy_(v0)
+                st.matmul_attention = matmul
+                if packed:
+                    st.pack_weights()
+                outs[packed, matmul] = st.decode(tok, pos, pos + 2, slab, 64)
+                st.unpack_weights()
+    st.matmul_attention = True
+    ref = outs[False, False]  # F.linear + SDPA: what the model's own layers compute
+    for key, out in outs.items():
+        assert torch.allclose(out, ref, atol=1e-5, rtol=0), (key, (out - ref).abs().max())
+    eng.generate(_requests(1), max_new_tokens=3)
+    assert all(L.t is None for L in st.layers) and st.out_t is None, "packed weights outlived generate()"
+    assert torch.equal(st.out_w, model.output_weight())
+
+
 def test_cuda_graph_selection_rule():
     from m2mega.inference.engine import _bucket, use_cuda_graphs
 
@@ -335,6 +383,49 @@ def test_engine_tp2pp2_and_tp2_match_hf_and_agree_across_ranks(model):
         # The streams do not depend on the layout either (up to last-bit differences of TP's reductions,
         # which a draw at a CDF boundary could notice: none here).
         assert results[0][name]["sampled"] == tp1, f"{name}: samples differ from TP1's"
+
+
+
+def _tp_over_kv_body(sd, samples, pv, grids):
+    import m2mega.runtime as rt
+    from m2mega.inference import SamplingParams
+    from m2mega.inference.engine import Request, RolloutEngine
+    from m2mega.models.qwen25vl import build_model, load_hf_into_model
+
+    cfg = _config(1)
+    rt.init(2, 1)
+    model = build_model(cfg)
+    load_hf_into_model(model, sd, cfg)
+    eng = RolloutEngine(model, max_batch=4)
+    assert eng.stage.kv_rep == 2 and eng.stage.groups == 1 and eng.stage.heads == 3
+    reqs = [Request(s, p, g, num_samples=2) for s, p, g in zip(samples, pv, grids)]
+    greedy = eng.generate(reqs, max_new_tokens=NEW)
+    sampled = eng.generate(reqs, max_new_tokens=NEW, sampling=SamplingParams(temperature=1.0), seed=9)
+    return {"greedy": _tokens(greedy), "sampled": _tokens(sampled), "logp": [s.logprobs for g in sampled for s in g]}
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_engine_tp2_over_one_kv_head_matches_hf_and_tp1(model):
+    """TP2 with 1 KV head (each rank holds a replica of it, as megatron does): greedy == HF, and the
+    samples and their log-probs equal TP1's on every rank."""
+    from m2mega.inference import SamplingParams
+    from m2mega.inference.engine import RolloutEngine
+    from m2mega.models.qwen25vl import build_model, load_hf_into_model
+    from m2mega.runtime.multiproc import run_ranks
+
+    cfg, batch, pv, grids, sd, hf = _reference(1)
+    m1 = build_model(cfg)
+    load_hf_into_model(m1, sd, cfg)
+    eng = RolloutEngine(m1, max_batch=4)
+    assert _tokens(eng.generate(_requests(1, kv_heads=1), max_new_tokens=NEW)) == [[row] for row in hf]
+    tp1 = eng.generate(_requests(2, kv_heads=1), max_new_tokens=NEW, sampling=SamplingParams(temperature=1.0), seed=9)
+    results = run_ranks(_tp_over_kv_body, 2, args=(sd, batch.samples, pv, grids), timeout_s=600)
+    for rank, r in enumerate(results):
+        assert r["greedy"] == [[row] * 2 for row in hf], f"rank {rank}: greedy differs from HF"
+        assert r["sampled"] == _tokens(tp1), f"rank {rank}: samples differ from TP1's"
+        for a, b in zip(r["logp"], [s.logprobs for g in tp1 for s in g]):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
 
 
 

@@ -116,6 +116,33 @@ class _PeakMemory:
             self.peak = max(self.peak, self._in_use() - self.base)
 
 
+def _environment(dev) -> dict:
+    """Date, machine and library versions, so a stored result says what produced it."""
+    import datetime
+    import os
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def ver(pkg: str) -> str:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return "not installed"
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cpu": cpu, "cpu_cores": os.cpu_count(), "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+            "torch": torch.__version__, "transformers": ver("transformers"), "megatron_core": ver("megatron-core")}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="small")
@@ -187,7 +214,7 @@ def main(argv=None) -> dict:
         "vocab": cfg.text.vocab_size, "dtype": args.dtype, "device": str(dev), "prompts": args.prompts,
         "image_prompts": args.image_prompts, "image_size": list(args.image_size),
         "prompt_tokens": [s.numel() for s in prompts], "group": G, "new_tokens": NEW, "eos_ids": len(eos),
-        "threads": torch.get_num_threads(), "max_batch": args.max_batch}}
+        "threads": torch.get_num_threads(), "max_batch": args.max_batch}, "environment": _environment(dev)}
     try:
         model = build_model(cfg, dtype=dtype)
         load_hf_into_model(model, {k: v.detach().clone() for k, v in hf.state_dict().items()}, cfg)

@@ -298,21 +298,25 @@ class RolloutEngine:
                 finish(i, why)
 
         with _inference_mode(self.model):
-            while queue or live:
-                if queue and len(live) < slab.slots:
+            self.stage.pack_weights()
+            try:
+                while queue or live:
+                    if queue and len(live) < slab.slots:
+                        t0 = time.perf_counter()
+                        self._admit(reqs, queue, prefixes, live, slab, sampling, seed, bias, take, st)
+                        st.prefill_s += time.perf_counter() - t0
+                    if not live:
+                        continue
                     t0 = time.perf_counter()
-                    self._admit(reqs, queue, prefixes, live, slab, sampling, seed, bias, take, st)
-                    st.prefill_s += time.perf_counter() - t0
-                if not live:
-                    continue
-                t0 = time.perf_counter()
-                n = len(live)
-                occupancy += n
-                st.decode_steps += 1
-                with plain_dispatch(self.stage.device):
-                    toks, lps = self._decode_step(live, slab, sampling, bias)
-                    take(list(range(n)), toks, lps)
-                st.decode_s += time.perf_counter() - t0
+                    n = len(live)
+                    occupancy += n
+                    st.decode_steps += 1
+                    with plain_dispatch(self.stage.device):
+                        toks, lps = self._decode_step(live, slab, sampling, bias)
+                        take(list(range(n)), toks, lps)
+                    st.decode_s += time.perf_counter() - t0
+            finally:
+                self.stage.unpack_weights()
         st.slot_occupancy = occupancy / (st.decode_steps * slab.slots) if st.decode_steps else 0.0
         st.graphs_captured = len(self._graphs.graphs) if self._graphs is not None else 0
         st.total_s = time.perf_counter() - t_start
@@ -452,18 +456,19 @@ class RolloutEngine:
             while queue and queue[0][0] == i and len(live) + len(members) < slab.slots:
                 members.append(queue.popleft()[1])
             first = len(live)
-            idx = torch.arange(first, first + len(members), device=slab.mask.device)
-            slab.load_prefix(idx, pre.keys, pre.values)
-            r = reqs[i]
-            for j in members:
-                live.append(_Live(request=i, member=j, key=stream_key(seed, r.key, j), max_new=r.max_new_tokens,
-                                  cache_len=pre.length, rope=pre.next_rope))
-            logits = None if pre.logits is None else pre.logits.unsqueeze(0).expand(len(members), -1)
-            toks, lps = self._choose(logits, [s.key for s in live[first:]], [0] * len(members), sampling, bias)
-            pre.pending -= len(members)
-            if pre.pending == 0:
-                del prefixes[i]
-            take(list(range(first, first + len(members))), toks, lps)
+            with plain_dispatch(self.stage.device):
+                idx = torch.arange(first, first + len(members), device=slab.mask.device)
+                slab.load_prefix(idx, pre.keys, pre.values)
+                r = reqs[i]
+                for j in members:
+                    live.append(_Live(request=i, member=j, key=stream_key(seed, r.key, j),
+                                      max_new=r.max_new_tokens, cache_len=pre.length, rope=pre.next_rope))
+                logits = None if pre.logits is None else pre.logits.unsqueeze(0).expand(len(members), -1)
+                toks, lps = self._choose(logits, [s.key for s in live[first:]], [0] * len(members), sampling, bias)
+                pre.pending -= len(members)
+                if pre.pending == 0:
+                    del prefixes[i]
+                take(list(range(first, first + len(members))), toks, lps)
 
     def _decode_step(self, live: list[_Live], slab, sampling, bias) -> tuple[list[int], list[float]]:
         n = len(live)

@@ -143,9 +143,10 @@ def select_from_streams(logits: Tensor, params: SamplingParams, uniforms: Tensor
         tokens = pick.argmax(-1)
         logp = torch.log_softmax(logits, -1)
     else:
-        scaled = logits / params.temperature
+        t = params.temperature  # x / 1.0 == x exactly: skip two passes over [n, vocab] at temperature 1
+        scaled, pick = (logits, pick) if t == 1.0 else (logits / t, pick / t)
         logp = torch.log_softmax(scaled, -1)
-        cdf = filter_logits(pick / params.temperature, params.top_k, params.top_p).softmax(-1).double().cumsum(-1)
+        cdf = filter_logits(pick, params.top_k, params.top_p).softmax(-1).double().cumsum(-1)
         target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
         tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(logits.shape[-1] - 1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
