@@ -118,7 +118,7 @@ def test_difficulty_tracks_the_generating_parameters():
     comp = [generate("compare", 3, "rl", i) for i in range(200)]
 
     def ratio(s):
-        from m2mega.data.synthetic import _area
+        from m2mega.data.synthetic_shapes import shape_area as _area
 
         a, b = (_area(k, x) for k, x in zip(s.params["kinds"], s.params["sides"]))
         return max(a, b) / min(a, b)
@@ -219,7 +219,8 @@ def test_brief_reasoning_keeps_the_conclusion(tmp_path):
 def test_perception_answers_match_the_pixels():
     """hue / corners / larger / quadrant / width: the answer is what the pixels show; the miss is the
     neighbouring class."""
-    from m2mega.data.synthetic import CORNERS, CYCLE, HUES, PERCEPTION_FAMILIES
+    from m2mega.data.synthetic import PERCEPTION_FAMILIES
+    from m2mega.data.synthetic_perception import CORNERS, CYCLE, HUES
 
     assert set(PERCEPTION_FAMILIES) == {"hue", "corners", "larger", "quadrant", "width"}
     for i in range(N):

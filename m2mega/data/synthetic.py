@@ -14,6 +14,10 @@ order      spatial    choice       (video) in which order do the shapes appear; 
                                    step, in a 2 fps H.264 clip (opt in: not in the default ``FAMILIES``)
 =========  =========  ===========  ==========================================================================
 
+The five one-feature families of ``PERCEPTION_FAMILIES`` (hue, corners, larger, quadrant, width; each with a
+modelled teacher's miss) live in ``synthetic_perception``; the shapes, palette and ``Sample`` record in
+``synthetic_shapes``.
+
 Difficulty in [0, 1] comes from the parameters (more shapes and look-alike distractors; diagonal distances
 far beyond the scale bar; areas closer together; more and larger operands, fractions). The assistant turn
 (``<think>…</think><answer>…</answer>``) derives the answer from the parameters the image was drawn
@@ -33,12 +37,13 @@ import json
 import math
 import os
 import random
-from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+
+from .synthetic_perception import PERCEPTION_GENERATORS
+from .synthetic_shapes import BLACK, COLORS, KINDS, Sample, draw_shape, fmt_number, font, pixel_area, shape_area
 
 __all__ = ["FAMILIES", "PERCEPTION_FAMILIES", "VIDEO_FAMILIES", "ALL_FAMILIES", "SPLITS", "Sample", "generate", "to_row",
            "write_dataset", "COLORS"]
@@ -49,69 +54,8 @@ VIDEO_FAMILIES = ("order",)
 ALL_FAMILIES = FAMILIES + PERCEPTION_FAMILIES + VIDEO_FAMILIES
 VIDEO_FPS = 2.0  # the clips' frame rate, which is also the sampling rate: every frame is used
 SPLITS = ("sft", "rl", "eval")
-COLORS = {"red": (230, 0, 0), "blue": (0, 70, 230), "green": (0, 160, 0), "orange": (255, 140, 0),
-          "purple": (140, 0, 200)}
-KINDS = ("circle", "square", "triangle")
-WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 CELL = 14  # count: one shape per 14 px cell, so shapes never touch
 GENERATOR_VERSION = 1
-
-
-@dataclass
-class Sample:
-    family: str
-    task: str
-    answer_type: str
-    question: str
-    answer: str
-    reasoning: str
-    difficulty: float
-    size: int
-    params: dict = field(default_factory=dict)
-    draw: Callable[[ImageDraw.ImageDraw], None] | None = None
-    frames: int = 0  # > 0: a video family; draw_frame(d, k) draws frame k
-    draw_frame: Callable[[ImageDraw.ImageDraw, int], None] | None = None
-    # A weaker teacher's plausible wrong (answer, reasoning) -- the neighbouring class: write_dataset's
-    # teacher_accuracy puts it in SFT rows. None: the family has no modelled miss.
-    miss: tuple[str, str] | None = None
-
-    def render(self) -> Image.Image:
-        img = Image.new("RGB", (self.size, self.size), WHITE)
-        self.draw(ImageDraw.Draw(img))
-        return img
-
-    def render_frames(self) -> list[Image.Image]:
-        """The video's frames (video families)."""
-        out = []
-        for k in range(self.frames):
-            img = Image.new("RGB", (self.size, self.size), WHITE)
-            self.draw_frame(ImageDraw.Draw(img), k)
-            out.append(img)
-        return out
-
-    def signature(self) -> str:
-        """What makes two samples the same question (used to keep eval samples out of training)."""
-        return json.dumps([self.family, self.question, self.params], sort_keys=True)
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
-
-
-def _shape(d: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], color) -> None:
-    x0, y0, x1, y1 = box
-    if kind == "circle":
-        d.ellipse(box, fill=color)
-    elif kind == "square":
-        d.rectangle(box, fill=color)
-    else:
-        d.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=color)
-
-
-def _fmt(x: float) -> str:
-    """Numbers as answers: integers without a decimal point, others with one decimal."""
-    r = round(x, 1)
-    return str(int(r)) if r == int(r) else f"{r:.1f}"
 
 
 # ----------------------------------------------------------------------------------------- families
@@ -156,7 +100,7 @@ def _count(rng: random.Random) -> Sample:
 
     def draw(d):
         for sk, sc, box in shapes:
-            _shape(d, sk, box, COLORS[sc])
+            draw_shape(d, sk, box, COLORS[sc])
 
     return Sample("count", "general", "number", f"How many {color} {kind}s are in the image?", str(n), steps,
                   difficulty, size, {"shapes": shapes, "color": color, "kind": kind}, draw)
@@ -201,32 +145,21 @@ def _measure(rng: random.Random) -> Sample:
     answer = px * per_px
     steps = (f"The scale bar is {bar_px} px long and stands for {value} {unit}, so 1 px is {value}/{bar_px} = "
              f"{per_px:.4g} {unit}. {where} {px:.1f} px x {per_px:.4g} {unit}/px = {answer:.2f} {unit}, "
-             f"about {_fmt(answer)} {unit}.")
+             f"about {fmt_number(answer)} {unit}.")
     ratio = px / bar_px  # reading far beyond the bar (or a small fraction of it) is harder
     difficulty = min(1.0, 0.35 * diag + 0.45 * min(1.0, abs(math.log(ratio)) / math.log(6)) + 0.2 * (bar_px % 10 != 0))
     params.update(value=value, unit=unit, bar_px=bar_px)
 
     def draw(d):
         d.line(bar[:2] + bar[2:], fill=COLORS["green"], width=3)
-        d.text((4, bar_y - 14), f"{value} {unit}", fill=BLACK, font=_font(10))
+        d.text((4, bar_y - 14), f"{value} {unit}", fill=BLACK, font=font(10))
         if variant == "distance":
             for (x, y), c in ((p, "red"), (q, "blue")):
                 d.ellipse((x - 2, y - 2, x + 2, y + 2), fill=COLORS[c])
         else:
             d.rectangle(rect, fill=COLORS["orange"])
 
-    return Sample("measure", "spatial", "number", question, _fmt(answer), steps, difficulty, size, params, draw)
-
-
-def _area(kind: str, s: int) -> float:
-    # Areas of the shapes as drawn in an s x s box (PIL boxes are inclusive: s pixels across).
-    return {"circle": math.pi * (s / 2) ** 2, "square": float(s * s), "triangle": s * s / 2}[kind]
-
-
-def _pixel_area(kind: str, s: int) -> int:
-    img = Image.new("L", (s + 2, s + 2), 0)
-    _shape(ImageDraw.Draw(img), kind, (1, 1, s, s), 255)
-    return sum(1 for v in img.getdata() if v)
+    return Sample("measure", "spatial", "number", question, fmt_number(answer), steps, difficulty, size, params, draw)
 
 
 def _compare(rng: random.Random) -> Sample:
@@ -236,8 +169,8 @@ def _compare(rng: random.Random) -> Sample:
     while True:
         ka, kb = rng.choice(KINDS), rng.choice(KINDS)
         sa, sb = rng.randint(8, smax), rng.randint(8, smax)
-        aa, ab = _area(ka, sa), _area(kb, sb)
-        pa, pb = _pixel_area(ka, sa), _pixel_area(kb, sb)
+        aa, ab = shape_area(ka, sa), shape_area(kb, sb)
+        pa, pb = pixel_area(ka, sa), pixel_area(kb, sb)
         # At least 15% apart, and the drawn pixels must agree with the geometry by a clear margin
         # (small triangles rasterise noticeably larger than s^2 / 2).
         if max(aa, ab) / min(aa, ab) >= 1.15 and (pa > pb) == (aa > ab) and max(pa, pb) / min(pa, pb) >= 1.1:
@@ -263,10 +196,10 @@ def _compare(rng: random.Random) -> Sample:
                 "Answer with the option's letter.")
 
     def draw(d):
-        d.text((half // 2 - 3, 1), "A", fill=BLACK, font=_font(10))
-        d.text((half + half // 2 - 3, 1), "B", fill=BLACK, font=_font(10))
-        _shape(d, ka, boxes[0], COLORS[ca])
-        _shape(d, kb, boxes[1], COLORS[cb])
+        d.text((half // 2 - 3, 1), "A", fill=BLACK, font=font(10))
+        d.text((half + half // 2 - 3, 1), "B", fill=BLACK, font=font(10))
+        draw_shape(d, ka, boxes[0], COLORS[ca])
+        draw_shape(d, kb, boxes[1], COLORS[cb])
 
     return Sample("compare", "spatial", "choice", question, ans, steps, difficulty, size,
                   {"kinds": [ka, kb], "sides": [sa, sb], "boxes": boxes}, draw)
@@ -306,14 +239,14 @@ def _arith(rng: random.Random) -> Sample:
     steps = f"The image shows the numbers {shown}. {how}. The answer is {answer}."
     difficulty = min(1.0, {"sum": 0.05, "difference": 0.2, "product": 0.4, "quotient": 0.55}[op]
                      + 0.15 * (k - 2) + {9: 0.0, 20: 0.15, 99: 0.3}[hi])
-    font = _font(12)
+    label_font = font(12)
 
     def draw(d):
         w = size // k
         for j, x in enumerate(nums):
             x0 = j * w + 3
             d.rectangle((x0, size // 2 - 12, x0 + w - 6, size // 2 + 12), outline=BLACK, width=1)
-            d.text((x0 + 4, size // 2 - 8), str(x), fill=BLACK, font=font)
+            d.text((x0 + 4, size // 2 - 8), str(x), fill=BLACK, font=label_font)
 
     return Sample("arith", "general", atype, q, answer, steps, difficulty, size, {"op": op, "nums": nums}, draw)
 
@@ -348,7 +281,7 @@ def _order(rng: random.Random) -> Sample:
     def draw_frame(d, k):
         for (color, kind), box, t in zip(kinds, boxes, appear):
             if k // 2 >= t:
-                _shape(d, kind, box, COLORS[color])
+                draw_shape(d, kind, box, COLORS[color])
 
     return Sample("order", "spatial", "choice", question, letter, steps_text, difficulty, size,
                   {"shapes": names, "appear": appear, "boxes": boxes, "steps": steps}, None, 2 * steps, draw_frame)
@@ -356,114 +289,8 @@ def _order(rng: random.Random) -> Sample:
 
 
 
-# ------------------------------------------------------------------ one-feature (perception) families
-# Each asks about one visual feature a tiny vision tower can learn (colour, shape, relative size, length)
-# and names the neighbouring class as the weaker teacher's miss: with teacher_accuracy < 1 the cold-start
-# policy samples the right answer and the miss, which leaves GRPO room to sharpen (docs/grpo.md).
-
-# Four far-apart hues (COLORS' blue/purple and red/orange are too close for a tiny vision tower to tell
-# apart quickly); hue's miss is the next colour in this cycle.
-HUES = {"red": (230, 0, 0), "yellow": (240, 220, 0), "green": (0, 160, 0), "blue": (0, 70, 230)}
-CYCLE = list(HUES)
-QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
-CORNERS = {"circle": 0, "triangle": 3, "square": 4}
-NEXT_KIND = {"circle": "triangle", "triangle": "square", "square": "circle"}
-
-
-def _one_shape(rng: random.Random, size: int = 56) -> tuple[tuple[int, int, int, int], int]:
-    s = rng.randint(size // 3, size - 8)
-    x, y = rng.randint(2, size - 2 - s), rng.randint(2, size - 2 - s)
-    return (x, y, x + s - 1, y + s - 1), s
-
-
-def _hue(rng: random.Random) -> Sample:
-    kind, col = rng.choice(KINDS), rng.choice(CYCLE)
-    box, s = _one_shape(rng)
-    miss = CYCLE[(CYCLE.index(col) + 1) % len(CYCLE)]
-
-    def draw(d):
-        _shape(d, kind, box, HUES[col])
-
-    return Sample("hue", "general", "text", "What colour is the shape?", col, f"The shape is {col}.",
-                  1 - (s - 18) / 38, 56, {"kind": kind, "color": col, "box": box}, draw,
-                  miss=(miss, f"The shape is {miss}."))
-
-
-def _corners(rng: random.Random) -> Sample:
-    kind, col = rng.choice(KINDS), rng.choice(CYCLE)
-    box, s = _one_shape(rng)
-    n, mk = CORNERS[kind], NEXT_KIND[kind]
-
-    def draw(d):
-        _shape(d, kind, box, HUES[col])
-
-    return Sample("corners", "general", "number", "How many corners does the shape have?", str(n),
-                  f"The shape is a {kind}, and a {kind} has {n} corners.", 1 - (s - 18) / 38, 56,
-                  {"kind": kind, "color": col, "box": box}, draw,
-                  miss=(str(CORNERS[mk]), f"The shape is a {mk}, and a {mk} has {CORNERS[mk]} corners."))
-
-
-def _larger(rng: random.Random) -> Sample:
-    (ca, cb), ka, kb = rng.sample(CYCLE, 2), rng.choice(KINDS), rng.choice(KINDS)
-    while True:
-        sa, sb = rng.randint(8, 26), rng.randint(8, 26)
-        aa, ab = _area(ka, sa), _area(kb, sb)
-        if max(aa, ab) / min(aa, ab) >= 1.5 and (_pixel_area(ka, sa) > _pixel_area(kb, sb)) == (aa > ab):
-            break
-    boxes = []
-    for s, x_off in ((sa, 0), (sb, 28)):  # A in the left half, B in the right half
-        x, y = x_off + rng.randint(1, 27 - s), rng.randint(1, 55 - s)
-        boxes.append((x, y, x + s - 1, y + s - 1))
-    ans, other = ("A", "B") if aa > ab else ("B", "A")
-    name = {"A": f"{ca} {ka}", "B": f"{cb} {kb}"}
-    q = f"Which shape is larger?\nA. the {ca} {ka}\nB. the {cb} {kb}\nAnswer with the option's letter."
-
-    def draw(d):
-        _shape(d, ka, boxes[0], HUES[ca])
-        _shape(d, kb, boxes[1], HUES[cb])
-
-    ratio = max(aa, ab) / min(aa, ab)
-    return Sample("larger", "spatial", "choice", q, ans, f"The {name[ans]} is larger, so option {ans}.",
-                  max(0.0, 1 - (ratio - 1.5) / 3), 56, {"kinds": [ka, kb], "sides": [sa, sb], "boxes": boxes},
-                  draw, miss=(other, f"The {name[other]} is larger, so option {other}."))
-
-
-def _quadrant(rng: random.Random) -> Sample:
-    q = rng.randrange(4)
-    kind, col, s = rng.choice(KINDS), rng.choice(CYCLE), rng.randint(10, 24)
-    x = rng.randint(1, 27 - s) + 28 * (q % 2)
-    y = rng.randint(1, 27 - s) + 28 * (q // 2)
-    box = (x, y, x + s - 1, y + s - 1)
-    letters = "ABCD"
-    options = "\n".join(f"{letters[i]}. {name}" for i, name in enumerate(QUADRANTS))
-    question = f"In which part of the image is the shape?\n{options}\nAnswer with the option's letter."
-    m = (q + 1) % 4
-
-    def draw(d):
-        _shape(d, kind, box, HUES[col])
-
-    return Sample("quadrant", "spatial", "choice", question, letters[q],
-                  f"The shape is in the {QUADRANTS[q]}, so option {letters[q]}.", 1 - (s - 10) / 14, 56,
-                  {"kind": kind, "color": col, "box": box}, draw,
-                  miss=(letters[m], f"The shape is in the {QUADRANTS[m]}, so option {letters[m]}."))
-
-
-def _width(rng: random.Random) -> Sample:
-    k = rng.randint(1, 9)
-    length = round(k * 5.6)  # k tenths of the 56 px image
-    x0, y0 = rng.randint(0, 56 - length), rng.randint(2, 46)
-
-    def draw(d):
-        d.rectangle((x0, y0, x0 + length - 1, y0 + 7), fill=COLORS["orange"])
-
-    return Sample("width", "spatial", "number", "The image is 10 m wide. How long is the orange bar, in metres?",
-                  str(k), f"The orange bar spans {k} tenths of the width: {k} m.", abs(k - 5) / 4, 56,
-                  {"k": k, "x0": x0, "y0": y0}, draw,
-                  miss=(str(k + 1), f"The orange bar spans {k + 1} tenths of the width: {k + 1} m."))
-
-
 _GENERATORS = {"count": _count, "measure": _measure, "compare": _compare, "arith": _arith, "order": _order,
-               "hue": _hue, "corners": _corners, "larger": _larger, "quadrant": _quadrant, "width": _width}
+               **PERCEPTION_GENERATORS}
 
 
 # ----------------------------------------------------------------------------------------- rows
