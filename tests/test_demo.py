@@ -5,6 +5,7 @@ this guards the wiring between stages (the full demo's numbers are in the README
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.multirank
 def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
+    # as a user runs it: without the Triton interpreter that tests/conftest.py turns on for kernel tests
+    # (under it the demo's GRPO runs the fused kernels' numpy interpreter instead of their torch path)
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, str(ROOT / "examples/demo/run_demo.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     for stage in ("before_sft", "after_sft", "after_grpo"):
         table = json.loads((out / f"eval_{stage}.json").read_text())

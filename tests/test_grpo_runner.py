@@ -76,8 +76,11 @@ def test_grpo_steps_tp1_equal_tp2(rl_prefix):
         "grpo": {"prompts_per_step": 4, "group_size": 6, "max_new_tokens": 6, "kl_schedule": "cosine",
                  "beta_min": 0.001, "beta_max": 0.01, "updates_per_rollout": 2},
     }
-    tp1 = run_ranks(_body, 1, args=(cfg, 1), timeout_s=600)[0]
-    tp2 = run_ranks(_body, 2, args=(cfg, 2), timeout_s=600)
+    # the fused kernels' torch path: their Triton/interpreter parity has its own tests, and the numpy
+    # interpreter CI runs them under (conftest) made this layout comparison the suite's second-slowest test
+    fast = {"TRITON_INTERPRET": "0"}
+    tp1 = run_ranks(_body, 1, args=(cfg, 1), timeout_s=600, env=fast)[0]
+    tp2 = run_ranks(_body, 2, args=(cfg, 2), timeout_s=600, env=fast)
     assert tp2[0] == tp2[1] or tp2[0]["metrics"] == tp2[1]["metrics"]  # ranks of a replica agree
     m1, m2 = tp1["metrics"][0], tp2[0]["metrics"][0]
     assert m1["updates"] == 2 and m1["groups"] == 4, m1  # one rollout step, two mini-batch updates
