@@ -287,6 +287,40 @@ def test_cuda_graph_selection_rule():
     assert [_bucket(n, 48) for n in (1, 2, 3, 5, 17, 33, 48)] == [1, 2, 4, 8, 32, 48, 48]
 
 
+def test_cascade_decode_equals_slab_decode(model):
+    """Cascade attention (each prompt's keys once per group, m2mega.inference.cascade) gives the slab
+    path's tokens under greedy and sampling, through refills, moves and a prompt's group split over two
+    admissions (4 slots, 3 samples of 3 prompts, the first prompt's samples stopping early so that later
+    rows move into their slots), log-probs within fp32 rounding; the selection rule."""
+    from m2mega.inference import SamplingParams
+    from m2mega.inference.cascade import CascadeKV
+    from m2mega.inference.engine import RolloutEngine, use_cascade
+    from m2mega.inference.kv_cache import KVSlab
+
+    for sp in (SamplingParams(greedy=True), SamplingParams(temperature=1.0)):
+        outs = {}
+        for mode in ("off", "on"):
+            eng = RolloutEngine(model, max_batch=4, cascade=mode)
+            reqs = _requests(3)
+            reqs[0].max_new_tokens = 4
+            outs[mode] = eng.generate(reqs, max_new_tokens=NEW, sampling=sp, seed=4)
+            assert isinstance(eng.slab, CascadeKV if mode == "on" else KVSlab) and eng.stats.cascade == (mode == "on")
+            again = eng.generate(reqs[1:], max_new_tokens=NEW, sampling=sp, seed=4)  # the cache reused, reset
+            assert _tokens(again) == _tokens(outs[mode])[1:] and eng.stats.slab_allocations == 1
+        assert _tokens(outs["on"]) == _tokens(outs["off"])
+        assert [len(x) for x in _tokens(outs["on"])[0]] == [4] * 3
+        for a, b in zip(outs["on"], outs["off"]):
+            for x, y in zip(a, b):
+                assert torch.allclose(x.logprobs, y.logprobs, atol=1e-5, rtol=0), (x.logprobs - y.logprobs).abs().max()
+    assert use_cascade("auto", True, [300, 500], [8, 8]) is True
+    assert use_cascade("auto", True, [30, 50], [8, 8]) is False  # short prompts: re-reading them is cheaper
+    assert use_cascade("auto", True, [300, 500], [1, 1]) is False  # nothing shared
+    assert use_cascade("auto", False, [300, 500], [8, 8]) is False  # CUDA: the slab (graphs replay it)
+    assert use_cascade("on", True, [3], [1]) is True and use_cascade("off", True, [300], [8]) is False
+    with pytest.raises(ValueError, match="cascade must be"):
+        RolloutEngine(model, cascade="sometimes")
+
+
 def test_rollout_logprobs_match_teacher_forced_training_forward(model):
     from m2mega.inference import SamplingParams
     from m2mega.inference.engine import RolloutEngine
@@ -401,7 +435,9 @@ def _tp_over_kv_body(sd, samples, pv, grids):
     reqs = [Request(s, p, g, num_samples=2) for s, p, g in zip(samples, pv, grids)]
     greedy = eng.generate(reqs, max_new_tokens=NEW)
     sampled = eng.generate(reqs, max_new_tokens=NEW, sampling=SamplingParams(temperature=1.0), seed=9)
-    return {"greedy": _tokens(greedy), "sampled": _tokens(sampled), "logp": [s.logprobs for g in sampled for s in g]}
+    cascade = RolloutEngine(model, max_batch=4, cascade="on").generate(reqs, max_new_tokens=NEW)
+    return {"greedy": _tokens(greedy), "sampled": _tokens(sampled), "logp": [s.logprobs for g in sampled for s in g],
+            "cascade": _tokens(cascade)}
 
 
 @pytest.mark.multirank
@@ -423,6 +459,7 @@ def test_engine_tp2_over_one_kv_head_matches_hf_and_tp1(model):
     results = run_ranks(_tp_over_kv_body, 2, args=(sd, batch.samples, pv, grids), timeout_s=600)
     for rank, r in enumerate(results):
         assert r["greedy"] == [[row] * 2 for row in hf], f"rank {rank}: greedy differs from HF"
+        assert r["cascade"] == r["greedy"], f"rank {rank}: cascade attention's greedy tokens differ"
         assert r["sampled"] == _tokens(tp1), f"rank {rank}: samples differ from TP1's"
         for a, b in zip(r["logp"], [s.logprobs for g in tp1 for s in g]):
             assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()

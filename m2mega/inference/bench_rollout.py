@@ -156,6 +156,8 @@ def main(argv=None) -> dict:
     p.add_argument("--eos-every", type=int, default=40, help="token ids divisible by this are EOS (0: none)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--max-batch", type=int, default=256, help="engine decode slots")
+    p.add_argument("--cascade", choices=("auto", "on", "off"), default="auto",
+                   help="engine's cascade attention over shared prompts (auto: CPU, prompts of >= 128 tokens)")
     p.add_argument("--modes", default="greedy,sample")
     p.add_argument("--contenders", default="static,engine,hf")
     p.add_argument("--device", default="cpu")
@@ -214,11 +216,12 @@ def main(argv=None) -> dict:
         "vocab": cfg.text.vocab_size, "dtype": args.dtype, "device": str(dev), "prompts": args.prompts,
         "image_prompts": args.image_prompts, "image_size": list(args.image_size),
         "prompt_tokens": [s.numel() for s in prompts], "group": G, "new_tokens": NEW, "eos_ids": len(eos),
-        "threads": torch.get_num_threads(), "max_batch": args.max_batch}, "environment": _environment(dev)}
+        "threads": torch.get_num_threads(), "max_batch": args.max_batch, "cascade": args.cascade},
+        "environment": _environment(dev)}
     try:
         model = build_model(cfg, dtype=dtype)
         load_hf_into_model(model, {k: v.detach().clone() for k, v in hf.state_dict().items()}, cfg)
-        engine = RolloutEngine(model, max_batch=args.max_batch)
+        engine = RolloutEngine(model, max_batch=args.max_batch, cascade=args.cascade)
 
         def sync():
             if dev.type == "cuda":
@@ -240,7 +243,7 @@ def main(argv=None) -> dict:
             return [x.tokens.tolist() for r in out for x in r], {
                 "prefill_s": s.prefill_s, "decode_s": s.decode_s, "decode_steps": s.decode_steps,
                 "slots": s.slots, "slot_occupancy": round(s.slot_occupancy, 3), "images_encoded": s.images_encoded,
-                "cuda_graphs": s.cuda_graphs, "kv_bytes": s.kv_bytes}
+                "cuda_graphs": s.cuda_graphs, "cascade": s.cascade, "kv_bytes": s.kv_bytes}
 
         S = max(s.numel() for s in prompts)
         ids = torch.full((len(prompts), S), PAD, dtype=torch.long, device=dev)

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from m2mega.runtime.cpu import plain_dispatch
 
+from .cascade import CascadeKV
 from .kv_cache import KVSlab, RotaryTable
 
 __all__ = ["LMStage"]
@@ -156,6 +157,10 @@ class LMStage:
         return KVSlab(len(self.layers), slots, self.groups, capacity, self.head_dim, dtype=self.dtype,
                       device=self.device)
 
+    def new_cascade(self, slots: int, blocks: int, prefix_cap: int, suffix_cap: int) -> CascadeKV:
+        return CascadeKV(len(self.layers), slots, blocks, self.groups, prefix_cap, suffix_cap, self.head_dim,
+                         dtype=self.dtype, device=self.device)
+
     def _embed(self, ids: Tensor) -> Tensor:
         emb = self.lm.embedding.word_embeddings
         if self.tp == 1:
@@ -237,11 +242,14 @@ class LMStage:
         if self.first:
             x = self._embed(ids)
             if pixel_values is not None or pixel_values_videos is not None:  # the vision tower: once per prompt
-                x = self.model._splice_vision(x[:, None], ids[None], pixel_values, image_grid_thw,
-                                              pixel_values_videos, video_grid_thw)[:, 0]
+                # The CPU runtime's dispatch mode costs microseconds per torch call, a third of this tiny
+                # tower's time; it passes no device literals (tests/test_rollout_engine.py runs it so).
+                with plain_dispatch(self.device):
+                    x = self.model._splice_vision(x[:, None], ids[None], pixel_values, image_grid_thw,
+                                                  pixel_values_videos, video_grid_thw)[:, 0]
         else:
             x = self._recv(T)
-        with plain_dispatch(self.device):  # only the vision tower (megatron modules) needs the CPU runtime's mode
+        with plain_dispatch(self.device):
             return self._prefill_layers(x, positions, lengths)
 
     def _prefill_layers(self, x: Tensor, positions: Tensor, lengths: list[int]
@@ -268,7 +276,7 @@ class LMStage:
         return self._logits(x[cu[1:].long() - 1]), keys, values
 
     # ------------------------------------------------------------------ decode
-    def decode(self, tokens: Tensor, cache_pos: Tensor, rope_pos: Tensor, slab: KVSlab, span: int
+    def decode(self, tokens: Tensor, cache_pos: Tensor, rope_pos: Tensor, slab: KVSlab | CascadeKV, span: int
                ) -> Optional[Tensor]:
         """One token per slot ``0..n-1``: ``tokens [n]`` go to cache positions ``cache_pos [n]`` with rotary
         positions ``rope_pos [n]``; attention reads slab columns ``0..span-1`` (>= every slot's length).
@@ -277,6 +285,14 @@ class LMStage:
         x = self._embed(tokens) if self.first else self._recv(n)
         cos, sin = self.rotary.lookup(rope_pos)
         g, d = self.groups, self.head_dim
+        if isinstance(slab, CascadeKV):  # span unused: the plan reads each prefix and suffix to its end
+            plan = slab.plan(cache_pos)
+            x = self._layers(x, cos, sin, lambda li, q, k, v: slab.attention(li, q, k, v, plan, self.scale)
+                             .reshape(n, -1))
+            if not self.last:
+                self._send(x)
+                return None
+            return self._logits(x)
         # Row (slot i, group j, position p) of a layer's slab viewed as [slots * g * cap, d]: one index for
         # every layer's key and value writes (index_copy_ is several times cheaper than index_put_ here).
         rows = torch.arange(n * g, device=tokens.device).view(n, g)
