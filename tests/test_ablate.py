@@ -6,8 +6,8 @@ end to end by tests/test_demo.py; here they are replaced by recorders so the wir
 from __future__ import annotations
 
 import copy
+import json
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +87,23 @@ def test_unknown_arm_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ab.main(["--out", str(tmp_path), "--arms", "baseline,nope"])
     assert e.value.code == 2 and "unknown arm(s) ['nope']" in capsys.readouterr().err
+
+
+def test_ednm_arms_without_spatial_numbers_are_flagged(tmp_path):
+    """EDNM scores spatial number answers only: on data without them its arms are the baseline by
+    construction, and the table says so instead of reporting a 'within noise' non-result."""
+    ab = _ablate()
+    path = tmp_path / "eval.jsonl"
+    path.write_text(json.dumps({"task": "general", "answer_type": "number"}) + "\n")
+    (note,) = ab._noop_notes(path, ["baseline", "ednm_lambda1", "binary_numeric"])
+    assert "ednm_lambda1, binary_numeric" in note and "by construction" in note
+    assert ab._noop_notes(path, ["baseline", "shuffled"]) == []
+    path.write_text(json.dumps({"task": "spatial", "answer_type": "number"}) + "\n")
+    assert ab._noop_notes(path, ["ednm_lambda5"]) == []
+
+
+def test_unknown_family_is_a_usage_error(tmp_path, capsys):
+    ab = _ablate()
+    with pytest.raises(SystemExit) as e:
+        ab.main(["--out", str(tmp_path), "--families", "hue", "nope"])
+    assert e.value.code == 2 and "--families: unknown ['nope']" in capsys.readouterr().err

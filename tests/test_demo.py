@@ -25,9 +25,13 @@ def test_demo_quick(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "examples/demo/run_demo.py"), "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    # the demo's data: its own families, cold-start rows from the right-reasoning / missed-answer teacher
+    manifest = json.loads((out / "data/manifest.json").read_text())
+    assert manifest["families"] == ["hue", "corners"] and manifest["teacher_miss"] == "answer", manifest
+    tasks = {json.loads(l)["task"] for l in (out / "data/eval.jsonl").read_text().splitlines()}
     for stage in ("before_sft", "after_sft", "after_grpo"):
         table = json.loads((out / f"eval_{stage}.json").read_text())
-        assert table["all"]["n"] == 8 and {"general", "spatial"} <= set(table)
+        assert table["all"]["n"] == 8 and tasks <= set(table), (tasks, table)
     assert (out / "prep/sft.bin").stat().st_size > 0 and (out / "prep/sft.idx").exists()
     assert (out / "ckpt_sft/latest").exists() and (out / "ckpt_grpo/latest").exists()
     history = json.loads((out / "grpo_history.json").read_text())
@@ -39,7 +43,7 @@ def test_demo_quick(tmp_path):
     val = json.loads((out / "grpo_validation.json").read_text())
     assert [v["iteration"] for v in val] == [0, 2], val
     for v in val:
-        assert {"general", "spatial", "all"} <= set(v["table"]), v
+        assert tasks | {"all"} <= set(v["table"]), v
         assert {"correct", "reward", "mean@2", "pass@2"} <= set(v["table"]["all"]), v
     summary = (out / "summary.md").read_text()
     assert "| 1234 |" in summary and ("TARGET MET" in summary or "TARGET MISSED" in summary), summary

@@ -272,3 +272,31 @@ def test_teacher_accuracy_puts_the_miss_in_sft_rows_only(tmp_path):
     assert clean["splits"]["sft"]["teacher_misses"] == {}
     with pytest.raises(ValueError, match="teacher_accuracy must be in"):
         write_dataset(str(tmp_path / "x"), n_sft=1, n_rl=0, n_eval=0, teacher_accuracy=1.5)
+
+
+def test_teacher_miss_answer_keeps_the_right_reasoning(tmp_path):
+    """``teacher_miss="answer"``: a missed row keeps its own (right) reasoning and ends in the miss's answer,
+    the same rows miss as with ``"both"``, and the make_synthetic_data flag reaches it."""
+    from m2mega.data.synthetic import brief_reasoning
+
+    kw = dict(n_sft=200, n_rl=4, n_eval=4, seed=9, families=("hue", "corners"), reasoning="brief",
+              teacher_accuracy=0.5)
+    write_dataset(str(tmp_path / "both"), **kw)
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools/make_synthetic_data.py"), "--out", str(tmp_path / "ans"),
+                    "--sft", "200", "--rl", "4", "--eval", "4", "--seed", "9", "--families", "hue", "corners",
+                    "--reasoning", "brief", "--teacher-accuracy", "0.5", "--teacher-miss", "answer"], check=True,
+                   capture_output=True)
+    split = lambda c: (c.split("<think>")[1].split("</think>")[0], c.split("<answer>")[1].split("</answer>")[0])
+    n_missed = 0
+    for lb, la in zip(open(tmp_path / "both/sft.jsonl"), open(tmp_path / "ans/sft.jsonl")):
+        b, a = json.loads(lb), json.loads(la)
+        (tb, ab), (ta, aa) = split(b["messages"][-1]["content"]), split(a["messages"][-1]["content"])
+        assert aa == ab  # the same rows miss, with the same answer
+        assert ta == brief_reasoning(generate(b["family"], 9, "sft", int(b["id"][-6:])).reasoning)
+        if ab != b["answer"]:
+            n_missed += 1
+            assert a["answer"] in ta and tb != ta  # right reasoning kept; "both" rewrote it
+    assert 60 <= n_missed <= 140
+    assert json.load(open(tmp_path / "ans/manifest.json"))["teacher_miss"] == "answer"
+    with pytest.raises(ValueError, match="teacher_miss must be"):
+        write_dataset(str(tmp_path / "x"), n_sft=1, n_rl=0, n_eval=0, teacher_miss="reasoning")

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of SFT rows with the right answer; the rest get the family's plausible miss (a "
                         "weaker teacher's cold-start data, which leaves GRPO room to sharpen; the hue/corners/"
                         "larger/width families model a miss)")
+    p.add_argument("--teacher-miss", choices=("both", "answer"), default="both",
+                   help="what a teacher miss changes: 'both' the reasoning and the answer (misperception), "
+                        "'answer' only the final answer after right reasoning (an inconsistent conclusion)")
     a = p.parse_args(argv)
     if not 0.0 <= a.teacher_accuracy <= 1.0:
         p.error(f"--teacher-accuracy must be in [0, 1], got {a.teacher_accuracy}")
@@ -41,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name} must be >= 0")
     t0 = time.perf_counter()
     manifest = write_dataset(a.out, n_sft=a.sft, n_rl=a.rl, n_eval=a.eval, seed=a.seed, families=a.families,
-                             reasoning=a.reasoning, teacher_accuracy=a.teacher_accuracy)
+                             reasoning=a.reasoning, teacher_accuracy=a.teacher_accuracy,
+                             teacher_miss=a.teacher_miss)
     n = sum(s["rows"] for s in manifest["splits"].values())
     dt = time.perf_counter() - t0
     for split, info in manifest["splits"].items():

@@ -1,7 +1,8 @@
 """`make demo`: the whole M2-Reasoning pipeline on CPU, tiny but real.
 
-1. synthetic general + spatial dataset with rendered images (count shapes, measure against a scale bar ->
-   EDNM, compare areas -> choice, arithmetic on drawn numbers), SFT / RL / held-out splits;
+1. synthetic dataset with rendered images (``FAMILIES``: the colour of a shape, the corners of a shape), SFT
+   rows from a teacher that reasons right and answers the plausible miss half the time, RL / held-out
+   splits (``--families`` picks others, e.g. the general + spatial ``count measure compare arith``);
 2. an offline Qwen-style tokenizer trained on the SFT text; ``tools/preprocess_data.py`` to megatron
    ``.bin/.idx`` in curriculum order;
 3. held-out evaluation of the untrained model; cold-start SFT of the tiny Qwen2.5-VL with TP=2 on gloo
@@ -35,11 +36,19 @@ SYSTEM_PROMPT = "Think step by step inside <think></think>, then give the final 
 
 # SFT micro-batches are THD packs of up to `seq` tokens (~6 samples at 1024), so one SFT iteration of
 # `sft_batch` packs sees ~25 samples: 120 iterations are ~2 epochs of the SFT split.
-FULL = dict(sft=2048, rl=512, eval=128, vocab=640, sft_iters=260, sft_batch=4, grpo_iters=40, prompts=8,
-            group=8, new_tokens=40, seq=1024, tp=2, eval_interval=5, eval_samples=4, grpo_lr=5e-4)
+TEACHER = dict(teacher=0.5, teacher_miss="answer", sft_order="shuffle")  # see FAMILIES below
+FULL = dict(sft=2048, rl=512, eval=128, vocab=640, sft_iters=400, sft_batch=4, grpo_iters=40, prompts=8,
+            group=8, new_tokens=40, seq=1024, tp=2, eval_interval=5, eval_samples=4, grpo_lr=5e-4, **TEACHER)
 QUICK = dict(sft=48, rl=24, eval=8, vocab=400, sft_iters=4, sft_batch=2, grpo_iters=2, prompts=2,
-             group=3, new_tokens=8, seq=1024, tp=2, eval_interval=1, eval_samples=2, grpo_lr=5e-4)
-FAMILIES = ("count", "measure", "compare", "arith")
+             group=3, new_tokens=8, seq=1024, tp=2, eval_interval=1, eval_samples=2, grpo_lr=5e-4, **TEACHER)
+# The demo's tasks (docs/grpo.md, "The demo's design"): one-feature perception families the tiny model can
+# learn in a CPU budget -- hue (text answer) and corners (number answer), both general tasks -- distilled
+# from a teacher whose reasoning is right but whose final answer is the family's plausible miss half the
+# time, so the cold-start policy perceives and then answers inconsistently (pass@4 well above pass@1) and
+# GRPO, rewarded on the answer only, has something to sharpen. Tried and dropped (docs/grpo.md): width
+# (spatial number: GRPO collapsed it onto one value, with EDNM or binary reward) and quadrant (spatial:
+# no prior after SFT).
+FAMILIES = ("hue", "corners")
 TARGET = 0.05  # GRPO must raise held-out accuracy and mean reward over the SFT model by this much (issue 12)
 
 
@@ -185,7 +194,8 @@ def prepare(out: Path, seed: int, S: dict, evaluate_init: bool = True) -> tuple[
     _say("1/6 synthetic dataset (rendered images)")
     _run([py, "tools/make_synthetic_data.py", "--out", str(out / "data"), "--sft", str(S["sft"]), "--rl",
           str(S["rl"]), "--eval", str(S["eval"]), "--seed", str(seed), "--reasoning", "brief",
-          "--families", *S.get("families", FAMILIES)], logs / "data.log")
+          "--teacher-accuracy", str(S.get("teacher", 1.0)),
+          "--teacher-miss", S.get("teacher_miss", "both"), "--families", *S.get("families", FAMILIES)], logs / "data.log")
 
     _say("2/6 tokenizer + preprocessing to .bin/.idx (curriculum order)")
     from m2mega.data.tokenizer import build_tiny_qwen_tokenizer
@@ -205,13 +215,13 @@ def prepare(out: Path, seed: int, S: dict, evaluate_init: bool = True) -> tuple[
     }
     sft_cfg = {
         **common, "mode": "sft",
-        "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "weight_decay": 0.0, "clip_grad": 1.0},
+        "optimizer": {"lr": S.get("sft_lr", 3e-3), "min_lr": S.get("sft_lr", 3e-3) / 10, "weight_decay": 0.0, "clip_grad": 1.0},
         "schedule": {"train_iters": S["sft_iters"], "seq_length": S["seq"], "micro_batch_size": 1,
                      "global_batch_size": S["sft_batch"], "lr_warmup_iters": max(1, S["sft_iters"] // 20),
                      "lr_decay_style": "cosine"},
         "checkpoint": {"save_dir": str(out / "ckpt_sft"), "save_at_end": True, "keep_last": 1},
         "logging": {**common["logging"], "tensorboard_dir": str(out / "tb/sft")},
-        "data": {"source": "packed", "train_prefix": str(out / "prep/sft"), "order": "curriculum"},
+        "data": {"source": "packed", "train_prefix": str(out / "prep/sft"), "order": S.get("sft_order", "curriculum")},
     }
     grpo_cfg = {
         **common, "mode": "grpo",
@@ -223,8 +233,8 @@ def prepare(out: Path, seed: int, S: dict, evaluate_init: bool = True) -> tuple[
         "data": {"source": "packed", "train_prefix": str(out / "prep/rl"), "order": "curriculum"},
         "grpo": {"prompts_per_step": S["prompts"], "group_size": S["group"], "max_new_tokens": S["new_tokens"],
                  "temperature": 1.0, "clip_low": 0.2, "clip_high": 0.28, "kl_schedule": "cosine",
-                 "beta_min": 0.005, "beta_max": 0.04, "advantage_weighting": "dynamic", "sigma": 4.0,
-                 "numeric_reward": "ednm", "updates_per_rollout": 2,
+                 "beta_min": S.get("beta_min", 0.005), "beta_max": S.get("beta_max", 0.04), "advantage_weighting": "dynamic", "sigma": 4.0,
+                 "numeric_reward": "ednm", "updates_per_rollout": S.get("updates", 2),
                  # the held-out curve: before the first step, every eval_interval rollout steps, at the end
                  "eval_prefix": str(out / "prep/eval"), "eval_interval": S["eval_interval"],
                  "eval_samples": S["eval_samples"]},

@@ -330,15 +330,21 @@ def to_row(sample: Sample, sample_id: str, image_path: str, with_assistant: bool
 
 
 def write_dataset(out_dir: str, *, n_sft: int, n_rl: int, n_eval: int, seed: int = 1234,
-                  families: Sequence[str] = FAMILIES, reasoning: str = "full", teacher_accuracy: float = 1.0) -> dict:
+                  families: Sequence[str] = FAMILIES, reasoning: str = "full", teacher_accuracy: float = 1.0,
+                  teacher_miss: str = "both") -> dict:
     """Write ``sft.jsonl``, ``rl.jsonl``, ``eval.jsonl``, ``images/`` (``videos/`` for video families) and
     ``manifest.json`` under ``out_dir``.
 
     Families rotate by sample index, so every split holds them in equal shares. ``teacher_accuracy`` < 1
     models cold-start data distilled from a weaker teacher: each SFT row of a family with a modelled miss
     (``Sample.miss``) gets the miss's answer and reasoning with probability ``1 - teacher_accuracy`` (the
-    row's ``answer`` field stays the truth; the manifest counts the misses per family). Returns the manifest.
+    row's ``answer`` field stays the truth; the manifest counts the misses per family). ``teacher_miss``:
+    ``"both"`` -- the miss's reasoning and answer (a teacher that misperceives); ``"answer"`` -- the row's own
+    (right) reasoning followed by the miss's answer (a teacher whose conclusion does not follow from its
+    reasoning: the cold-start policy perceives right and answers inconsistently). Returns the manifest.
     """
+    if teacher_miss not in ("both", "answer"):
+        raise ValueError(f"teacher_miss must be 'both' or 'answer', got {teacher_miss!r}")
     if not 0.0 <= teacher_accuracy <= 1.0:
         raise ValueError(f"teacher_accuracy must be in [0, 1], got {teacher_accuracy}")
     unknown = [f for f in families if f not in _GENERATORS]
@@ -350,7 +356,7 @@ def write_dataset(out_dir: str, *, n_sft: int, n_rl: int, n_eval: int, seed: int
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     held_out: set[str] = set()
     manifest: dict = {"generator_version": GENERATOR_VERSION, "seed": seed, "families": list(families),
-                      "teacher_accuracy": teacher_accuracy, "splits": {}}
+                      "teacher_accuracy": teacher_accuracy, "teacher_miss": teacher_miss, "splits": {}}
     teacher = random.Random(f"{seed}:teacher")
     for split, n in (("eval", n_eval), ("sft", n_sft), ("rl", n_rl)):
         counts: dict[str, int] = {}
@@ -380,6 +386,8 @@ def write_dataset(out_dir: str, *, n_sft: int, n_rl: int, n_eval: int, seed: int
                 row = to_row(s, sid, rel, with_assistant=split == "sft", reasoning=reasoning)
                 if split == "sft" and s.miss is not None and teacher.random() >= teacher_accuracy:
                     answer, why = s.miss
+                    if teacher_miss == "answer":
+                        why = row["messages"][-1]["content"].split("<think>", 1)[1].split("</think>", 1)[0]
                     row["messages"][-1]["content"] = f"<think>{why}</think><answer>{answer}</answer>"
                     misses[fam] = misses.get(fam, 0) + 1
                 f.write(json.dumps(row, sort_keys=True) + "\n")

@@ -2,8 +2,8 @@
 
 Each asks about one visual feature of a 56 px image and names the neighbouring class as a weaker teacher's
 miss (``Sample.miss``): with ``write_dataset(teacher_accuracy < 1)`` the cold-start policy samples the right
-answer and the miss, which leaves GRPO room to sharpen (docs/grpo.md, "Why the demo's GRPO does not move
-accuracy").
+answer and the miss, which leaves GRPO room to sharpen (docs/grpo.md, "The diagnosis ladder behind the
+redesign"; ``teacher_miss="answer"`` keeps the right reasoning and misses only the answer: the demo's data).
 """
 
 from __future__ import annotations
