@@ -107,3 +107,38 @@ def test_unknown_family_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ab.main(["--out", str(tmp_path), "--families", "hue", "nope"])
     assert e.value.code == 2 and "--families: unknown ['nope']" in capsys.readouterr().err
+
+
+def test_reuse_skips_prepared_seeds(tmp_path, monkeypatch):
+    """--reuse: a seed directory with grpo.yaml and an SFT checkpoint (what `make demo SEEDS=3` leaves) is
+    not prepared again and its grpo.yaml is the baseline; other seeds are prepared; a seed mismatch fails."""
+    import yaml
+
+    ab = _ablate()
+    demo = ab._demo()
+    out = tmp_path / "abl"
+    ready = out / "seed_1234"
+    (ready / "ckpt_sft").mkdir(parents=True)
+    (ready / "ckpt_sft/latest").write_text("400")
+    (ready / "grpo.yaml").write_text(yaml.safe_dump({**_base_cfg(ready), "seed": 1234}))
+    prepared, baselines = [], []
+
+    def prepare(o, seed, S, evaluate_init=True):
+        prepared.append(seed)
+        return None, {}, {**_base_cfg(o), "seed": seed}
+
+    def grpo_stage(o, S, cfg, tag="grpo"):
+        baselines.append((cfg["seed"], cfg["checkpoint"]["save_dir"]))
+        table = {"all": {"correct": 0.5, "reward": 0.6, "repetition": 0.0}}
+        return [], [{"iteration": 40, "table": table}]
+
+    monkeypatch.setattr(demo, "prepare", prepare)
+    monkeypatch.setattr(demo, "grpo_stage", grpo_stage)
+    monkeypatch.setattr(ab, "_demo", lambda: demo)
+    monkeypatch.setattr(ab, "plot", lambda results, path: path.write_bytes(b"png"))
+    assert ab.main(["--out", str(out), "--seeds", "2", "--arms", "baseline", "--reuse"]) == 0
+    assert prepared == [1235] and baselines == [(1234, str(ready / "ckpt_baseline")),
+                                                (1235, str(out / "seed_1235/ckpt_baseline"))]
+    (ready / "grpo.yaml").write_text(yaml.safe_dump({**_base_cfg(ready), "seed": 7}))
+    with pytest.raises(SystemExit, match="is for seed 7, not 1234"):
+        ab.main(["--out", str(out), "--seeds", "1", "--arms", "baseline", "--reuse"])

@@ -120,6 +120,20 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def _prepared(sdir: Path, seed: int) -> dict | None:
+    """The baseline GRPO config of a seed directory the demo (or an earlier run) already prepared: its
+    ``grpo.yaml`` with an SFT checkpoint beside it; None if either is missing."""
+    import yaml
+
+    cfg_path = sdir / "grpo.yaml"
+    if not (cfg_path.exists() and (sdir / "ckpt_sft" / "latest").exists()):
+        return None
+    cfg = yaml.safe_load(cfg_path.read_text())
+    if cfg.get("seed") != seed:
+        raise SystemExit(f"error: --reuse: {cfg_path} is for seed {cfg.get('seed')}, not {seed}")
+    return cfg
+
+
 def _noop_notes(eval_jsonl: Path, arms: list[str]) -> list[str]:
     """Arms that cannot differ from the baseline on this data: EDNM is the reward of spatial number
     answers only (``GRPOConfig.reward_config_dict``), so without such rows its arms equal the baseline."""
@@ -143,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--families", nargs="+", default=None,
                     help="synthetic task families (default: the demo's own); the EDNM arms need a spatial "
                          "family with number answers, e.g. --families hue corners width")
+    ap.add_argument("--reuse", action="store_true",
+                    help="skip data + SFT for a seed whose directory already holds them (e.g. --out demo_output "
+                         "after `make demo SEEDS=3`): that directory's grpo.yaml is the baseline")
     a = ap.parse_args(argv)
     arms = list(ARMS) if a.arms == "all" else [x.strip() for x in a.arms.split(",") if x.strip()]
     bad = [x for x in arms if x not in ARMS]
@@ -166,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(a.seeds):
         seed = a.seed + i
         sdir = out / f"seed_{seed}"
-        _, _, base = demo.prepare(sdir, seed, S, evaluate_init=False)
+        base = _prepared(sdir, seed) if a.reuse else None
+        if base is None:
+            _, _, base = demo.prepare(sdir, seed, S, evaluate_init=False)
+        else:
+            demo._say(f"seed {seed}: reusing the data and SFT checkpoint in {sdir}")
         for arm in arms:
             demo._say(f"seed {seed}: arm {arm}")
             _, curve = demo.grpo_stage(sdir, S, arm_config(base, arm, sdir), tag=f"grpo_{arm}")
