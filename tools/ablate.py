@@ -137,7 +137,7 @@ def _prepared(sdir: Path, seed: int) -> dict | None:
 def _noop_notes(eval_jsonl: Path, arms: list[str]) -> list[str]:
     """Arms that cannot differ from the baseline on this data: EDNM is the reward of spatial number
     answers only (``GRPOConfig.reward_config_dict``), so without such rows its arms equal the baseline."""
-    same = [x for x in arms if x in ("ednm_lambda1", "ednm_lambda5", "binary_numeric")]
+    same = [x for x in arms if {"ednm_lambda", "numeric_reward"} & set(ARMS[x].get("grpo", {}))]
     if not same:
         return []
     rows = [json.loads(line) for line in open(eval_jsonl, encoding="utf-8")]
@@ -195,14 +195,14 @@ def main(argv: list[str] | None = None) -> int:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     wall = time.perf_counter() - t0
     table, verdicts = summarize(results)
-    verdicts += _noop_notes(out / f"seed_{a.seed}/data/eval.jsonl", arms)
+    notes = _noop_notes(out / f"seed_{a.seed}/data/eval.jsonl", arms)
     cmd = "python tools/ablate.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (f"command: `{cmd}`; {a.seeds} seed(s), wall time {wall:.0f}s\n\n"
             f"held-out (greedy, last point of each arm's curve), mean +- 95% interval over seeds:\n\n{table}\n"
-            + "".join(f"\n{n}\n" for n in verdicts if n.startswith("note:")))
+            + "".join(f"\n{n}\n" for n in notes))
     (out / "ablations.md").write_text(text)
     plot(results, out / "ablations.png")
-    print(text + "\n" + "\n".join(verdicts), flush=True)
+    print(text + "\n" + "\n".join(verdicts), flush=True)  # the notes are in the text
     return 0
 
 

@@ -194,8 +194,8 @@ def prepare(out: Path, seed: int, S: dict, evaluate_init: bool = True) -> tuple[
     _say("1/6 synthetic dataset (rendered images)")
     _run([py, "tools/make_synthetic_data.py", "--out", str(out / "data"), "--sft", str(S["sft"]), "--rl",
           str(S["rl"]), "--eval", str(S["eval"]), "--seed", str(seed), "--reasoning", "brief",
-          "--teacher-accuracy", str(S.get("teacher", 1.0)),
-          "--teacher-miss", S.get("teacher_miss", "both"), "--families", *S.get("families", FAMILIES)], logs / "data.log")
+          "--teacher-accuracy", str(S["teacher"]), "--teacher-miss", S["teacher_miss"],
+          "--families", *S.get("families", FAMILIES)], logs / "data.log")
 
     _say("2/6 tokenizer + preprocessing to .bin/.idx (curriculum order)")
     from m2mega.data.tokenizer import build_tiny_qwen_tokenizer
@@ -215,13 +215,13 @@ def prepare(out: Path, seed: int, S: dict, evaluate_init: bool = True) -> tuple[
     }
     sft_cfg = {
         **common, "mode": "sft",
-        "optimizer": {"lr": S.get("sft_lr", 3e-3), "min_lr": S.get("sft_lr", 3e-3) / 10, "weight_decay": 0.0, "clip_grad": 1.0},
+        "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "weight_decay": 0.0, "clip_grad": 1.0},
         "schedule": {"train_iters": S["sft_iters"], "seq_length": S["seq"], "micro_batch_size": 1,
                      "global_batch_size": S["sft_batch"], "lr_warmup_iters": max(1, S["sft_iters"] // 20),
                      "lr_decay_style": "cosine"},
         "checkpoint": {"save_dir": str(out / "ckpt_sft"), "save_at_end": True, "keep_last": 1},
         "logging": {**common["logging"], "tensorboard_dir": str(out / "tb/sft")},
-        "data": {"source": "packed", "train_prefix": str(out / "prep/sft"), "order": S.get("sft_order", "curriculum")},
+        "data": {"source": "packed", "train_prefix": str(out / "prep/sft"), "order": S["sft_order"]},
     }
     grpo_cfg = {
         **common, "mode": "grpo",
@@ -233,8 +233,8 @@ def prepare(out: Path, seed: int, S: dict, evaluate_init: bool = True) -> tuple[
         "data": {"source": "packed", "train_prefix": str(out / "prep/rl"), "order": "curriculum"},
         "grpo": {"prompts_per_step": S["prompts"], "group_size": S["group"], "max_new_tokens": S["new_tokens"],
                  "temperature": 1.0, "clip_low": 0.2, "clip_high": 0.28, "kl_schedule": "cosine",
-                 "beta_min": S.get("beta_min", 0.005), "beta_max": S.get("beta_max", 0.04), "advantage_weighting": "dynamic", "sigma": 4.0,
-                 "numeric_reward": "ednm", "updates_per_rollout": S.get("updates", 2),
+                 "beta_min": 0.005, "beta_max": 0.04, "advantage_weighting": "dynamic", "sigma": 4.0,
+                 "numeric_reward": "ednm", "updates_per_rollout": 2,
                  # the held-out curve: before the first step, every eval_interval rollout steps, at the end
                  "eval_prefix": str(out / "prep/eval"), "eval_interval": S["eval_interval"],
                  "eval_samples": S["eval_samples"]},

@@ -284,18 +284,26 @@ class LMStage:
         n = tokens.numel()
         x = self._embed(tokens) if self.first else self._recv(n)
         cos, sin = self.rotary.lookup(rope_pos)
-        g, d = self.groups, self.head_dim
         if isinstance(slab, CascadeKV):  # span unused: the plan reads each prefix and suffix to its end
             plan = slab.plan(cache_pos)
-            x = self._layers(x, cos, sin, lambda li, q, k, v: slab.attention(li, q, k, v, plan, self.scale)
-                             .reshape(n, -1))
-            if not self.last:
-                self._send(x)
-                return None
-            return self._logits(x)
+
+            def attend(li, q, k, v):
+                return slab.attention(li, q, k, v, plan, self.scale).reshape(n, -1)
+        else:
+            attend = self._slab_attend(slab, cache_pos, n, span)
+        x = self._layers(x, cos, sin, attend)
+        if not self.last:
+            self._send(x)
+            return None
+        return self._logits(x)
+
+    def _slab_attend(self, slab: KVSlab, cache_pos: Tensor, n: int, span: int):
+        """A decode step's per-layer attention on the KV slab: writes the step's keys and values at
+        ``cache_pos`` and attends slab columns ``0..span-1``."""
+        g, d = self.groups, self.head_dim
         # Row (slot i, group j, position p) of a layer's slab viewed as [slots * g * cap, d]: one index for
         # every layer's key and value writes (index_copy_ is several times cheaper than index_put_ here).
-        rows = torch.arange(n * g, device=tokens.device).view(n, g)
+        rows = torch.arange(n * g, device=cache_pos.device).view(n, g)
         where = (rows * slab.capacity + cache_pos[:, None]).view(-1)
         mask = slab.mask[:n, None, None, :span]  # [n, 1, 1, span]
         cpu = self.matmul_attention
@@ -316,8 +324,4 @@ class LMStage:
                 o = F.scaled_dot_product_attention(q, kv, vv, attn_mask=mask, scale=self.scale)
             return o.reshape(n, -1)
 
-        x = self._layers(x, cos, sin, attend)
-        if not self.last:
-            self._send(x)
-            return None
-        return self._logits(x)
+        return attend
