@@ -423,7 +423,10 @@ def preprocess(
             results = _poll(pool.imap(_process_chunk, chunks), stop)  # ordered: shards appended in chunk order
         with open(reject_tmp, "w", encoding="utf-8") as rf:
             for r in results:
-                merged.append_dataset(r.shard)
+                # Deferred: a stop raised inside megatron-core's IndexedDataset constructor leaves an object
+                # whose __del__ fails ("Exception ignored ... no attribute 'index'"); a shard append is short.
+                with stop.deferred():
+                    merged.append_dataset(r.shard)
                 for f in dataset_files(r.shard):
                     os.remove(f)
                 for fi, line, rid, reason in r.rejects:
