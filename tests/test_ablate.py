@@ -46,6 +46,8 @@ def test_each_arm_changes_only_its_switch(tmp_path):
             want.add(("grpo", "beta"))
             assert cfg["grpo"]["beta"] == pytest.approx(0.0055)  # the cosine's mean: the same KL budget
         assert diff == want, (arm, diff)
+        # every arm's held-out reward is scored with the baseline's reward switches
+        assert cfg["grpo"]["eval_reward"] == {"ednm_lambda": 2.0, "numeric_reward": "ednm", "repetition_penalty": False}
 
 
 def test_one_sft_per_seed_one_grpo_per_arm_and_the_table(tmp_path, monkeypatch, capsys):
@@ -142,3 +144,46 @@ def test_reuse_skips_prepared_seeds(tmp_path, monkeypatch):
     (ready / "grpo.yaml").write_text(yaml.safe_dump({**_base_cfg(ready), "seed": 7}))
     with pytest.raises(SystemExit, match="is for seed 7, not 1234"):
         ab.main(["--out", str(out), "--seeds", "1", "--arms", "baseline", "--reuse"])
+
+
+def test_resume_keeps_results_scored_with_this_runs_reward(tmp_path, monkeypatch):
+    """--resume reruns only the (arm, seed) pairs missing from results.json or scored with another reward: a
+    pre-eval_reward result (no ``_scored_with``) of an arm that changes the reward is rerun, one of an arm
+    that does not is kept; the table counts both, and the text says how many were kept."""
+    import yaml
+
+    ab = _ablate()
+    demo = ab._demo()
+    out = tmp_path / "abl"
+    for seed in (1234, 1235):
+        d = out / f"seed_{seed}"
+        (d / "ckpt_sft").mkdir(parents=True)
+        (d / "ckpt_sft/latest").write_text("400")
+        (d / "grpo.yaml").write_text(yaml.safe_dump({**_base_cfg(d), "seed": seed}))
+        (d / "data").mkdir()
+        (d / "data/eval.jsonl").write_text(json.dumps({"task": "spatial", "answer_type": "number"}) + "\n")
+    old = lambda seed, acc: {"all": {"correct": acc, "reward": acc, "repetition": 0.0}, "_seed": seed}  # noqa: E731
+    (out / "results.json").write_text(json.dumps({
+        "baseline": [old(1234, 0.5), old(1235, 0.5)], "shuffled": [old(1234, 0.4)],
+        "ednm_lambda5": [old(1234, 0.1), old(1235, 0.1)]}))
+    ran = []
+
+    def grpo_stage(o, S, cfg, tag="grpo"):
+        ran.append((cfg["seed"], tag))
+        return [], [{"iteration": 40, "table": {"all": {"correct": 0.6, "reward": 0.7, "repetition": 0.0}}}]
+
+    monkeypatch.setattr(demo, "prepare", lambda *a, **k: pytest.fail("prepared seeds must be reused"))
+    monkeypatch.setattr(demo, "grpo_stage", grpo_stage)
+    monkeypatch.setattr(ab, "_demo", lambda: demo)
+    monkeypatch.setattr(ab, "plot", lambda results, path: path.write_bytes(b"png"))
+    assert ab.main(["--out", str(out), "--seeds", "2", "--arms", "baseline,shuffled,ednm_lambda5", "--resume"]) == 0
+    assert ran == [(1234, "grpo_ednm_lambda5"), (1235, "grpo_shuffled"), (1235, "grpo_ednm_lambda5")]
+    res = json.loads((out / "results.json").read_text())
+    assert [r["all"]["correct"] for r in res["shuffled"]] == [0.4, 0.6] and res["shuffled"][1]["_scored_with"]
+    assert [r["all"]["correct"] for r in res["ednm_lambda5"]] == [0.6, 0.6]
+    text = (out / "ablations.md").read_text()
+    assert "3 (arm, seed) result(s) kept" in text and "| ednm_lambda5 | 2 | 0.600 +- 0.000 |" in text
+    # a second --resume has nothing left to run
+    ran.clear()
+    assert ab.main(["--out", str(out), "--seeds", "2", "--arms", "baseline,shuffled,ednm_lambda5", "--resume"]) == 0
+    assert ran == []

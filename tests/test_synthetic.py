@@ -217,12 +217,12 @@ def test_brief_reasoning_keeps_the_conclusion(tmp_path):
 
 
 def test_perception_answers_match_the_pixels():
-    """hue / corners / larger / quadrant / width: the answer is what the pixels show; the miss is the
+    """hue / corners / larger / quadrant / width / length: the answer is what the pixels show; the miss is the
     neighbouring class."""
     from m2mega.data.synthetic import PERCEPTION_FAMILIES
     from m2mega.data.synthetic_perception import CORNERS, CYCLE, HUES
 
-    assert set(PERCEPTION_FAMILIES) == {"hue", "corners", "larger", "quadrant", "width"}
+    assert set(PERCEPTION_FAMILIES) == {"hue", "corners", "larger", "quadrant", "width", "length"}
     for i in range(N):
         s = generate("hue", 7, "sft", i)
         img = np.asarray(s.render())
@@ -248,6 +248,10 @@ def test_perception_answers_match_the_pixels():
         s = generate("width", 7, "sft", i)
         xs = np.nonzero(_mask(np.asarray(s.render()), COLORS["orange"]).any(axis=0))[0]
         assert round((xs.max() - xs.min() + 1) / 5.6) == int(s.answer) and s.miss[0] == str(int(s.answer) + 1), i
+
+        s = generate("length", 7, "sft", i)
+        xs = np.nonzero(_mask(np.asarray(s.render()), COLORS["orange"]).any(axis=0))[0]
+        assert (xs.max() - xs.min() + 1) / 14 == int(s.answer) and s.miss[0] == str(int(s.answer) % 4 + 1), i
 
 
 def test_teacher_accuracy_puts_the_miss_in_sft_rows_only(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -71,6 +72,14 @@ def test_flags_override_yaml_with_type_coercion(tmp_path):
     rc = cfg.grpo.reward_config_dict()
     assert rc["spatial"]["numeric"] == "ednm" and rc["spatial"]["ednm_lambda"] == 2.0
     assert rc["general"]["format_weight"] == 0.2
+    # Held-out scoring keeps the training reward unless grpo.eval_reward overrides some of its switches.
+    assert cfg.grpo.eval_reward_config_dict() == rc
+    g = dataclasses.replace(cfg.grpo, ednm_lambda=5.0, numeric_reward="binary", repetition_penalty=True,
+                            eval_reward={"ednm_lambda": 2.0, "numeric_reward": "ednm", "repetition_penalty": False})
+    ev, tr = g.eval_reward_config_dict(), g.reward_config_dict()
+    assert (tr["spatial"]["numeric"], tr["spatial"]["ednm_lambda"], tr["default"]["repetition_penalty"]) == ("binary", 5.0, True)
+    assert (ev["spatial"]["numeric"], ev["spatial"]["ednm_lambda"], ev["default"]["repetition_penalty"]) == ("ednm", 2.0, False)
+    assert ev["general"] == tr["general"] and g.ednm_lambda == 5.0  # the rest kept; the config itself unchanged
 
 
 @pytest.mark.parametrize(
@@ -95,6 +104,8 @@ def test_flags_override_yaml_with_type_coercion(tmp_path):
         ({"model": {"gpt": {"vocab_size": 131, "num_attention_heads": 4}}}, ["--parallel.tp=2"], r"vocab_size 131 is not divisible by parallel\.tp 2"),
         ({}, ["--grpo.ednm_lambda=-1"], r"ednm_lambda"),
         ({}, ["--grpo.reward_overrides={spatial: {ednm_lamda: 1}}"], r"grpo reward settings.*ednm_lamda"),
+        ({}, ["--grpo.eval_reward={ednm_lamda: 2}"], r"grpo\.eval_reward: unknown key\(s\) \['ednm_lamda'\]"),
+        ({}, ["--grpo.eval_reward={ednm_lambda: -1}"], r"grpo\.eval_reward: .*lambda"),
         ({}, ["--data.source=packed"], r"needs data\.train_prefix"),
         ({}, ["--model.family=qwen25vl"], r"data\.source 'synthetic' \(random tokens\) is for the gpt test family"),
         ({}, ["--model.family=llama", "--data.source=packed", "--data.train_prefix=d"], r"unknown model\.family 'llama'"),

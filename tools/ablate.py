@@ -1,12 +1,14 @@
 """The paper's GRPO ablations as one command, on the CPU demo's pipeline:
 
     python tools/ablate.py [--seeds 3] [--arms all|name,...] [--out ablation_output] [--quick]
+                           [--families F ...] [--reuse] [--resume]
 
 Per seed, the demo's data, tokenizer, preprocessing and cold-start SFT run once (``examples/demo``); every
 arm then runs GRPO from that same SFT checkpoint with the same data, iterations and sampling budget,
 changing one config switch against the baseline (curriculum order, EDNM lambda 2, Eq. 6 dynamic weights,
 Eq. 7 cosine KL, no repetition penalty). Each arm is scored by its held-out curve's last point (greedy,
-the demo's held-out split). Writes ``<out>/ablations.md`` (mean +- 95% interval over seeds of held-out
+the demo's held-out split, every arm's reward scored with the baseline's reward switches). ``--resume``
+keeps an earlier run's results in ``<out>/results.json`` and runs only the missing ones. Writes ``<out>/ablations.md`` (mean +- 95% interval over seeds of held-out
 accuracy and reward per task and of the repetition rate, and each arm's difference to the baseline with
 its paired interval) and ``<out>/ablations.png``.
 """
@@ -43,12 +45,22 @@ def _demo():
     return mod
 
 
+def _reward_switches(grpo: dict) -> dict:
+    """The values in a ``grpo`` config section of the reward switches some arm changes (defaults filled)."""
+    from m2mega.train.config import REWARD_SWITCHES, GRPOConfig
+
+    keys = sorted({k for kv in ARMS.values() for k in kv.get("grpo", {}) if k in REWARD_SWITCHES})
+    return {k: grpo.get(k, getattr(GRPOConfig, k)) for k in keys}
+
+
 def arm_config(base: dict, arm: str, out: Path) -> dict:
-    """The baseline GRPO config with ``arm``'s overrides and its own checkpoint / TensorBoard dirs."""
+    """The baseline GRPO config with ``arm``'s overrides and its own checkpoint / TensorBoard dirs, its
+    held-out points scored with the baseline's reward (``grpo.eval_reward``) so the arms' rewards compare."""
     cfg = copy.deepcopy(base)
     for section, kv in ARMS[arm].items():
         cfg.setdefault(section, {}).update(kv)
     g = cfg["grpo"]
+    g["eval_reward"] = _reward_switches(base.get("grpo", {}))
     if arm == "constant_kl":  # the same KL budget as Eq. 7's cosine, spent evenly
         g["beta"] = (g["beta_max"] + g["beta_min"]) / 2
     # only the curve's end point is scored: evaluate at the start and the end, greedily
@@ -134,6 +146,18 @@ def _prepared(sdir: Path, seed: int) -> dict | None:
     return cfg
 
 
+def _kept(saved: list[dict], seed: int, base: dict, arm: str) -> dict | None:
+    """--resume: ``seed``'s saved result of ``arm`` if it was scored with the reward this run scores with
+    (the baseline's). Results of runs before ``grpo.eval_reward`` carry no ``_scored_with``: they were scored
+    with the arm's own training reward, which equals the baseline's only for arms that leave it alone."""
+    want = _reward_switches(base.get("grpo", {}))
+    for r in saved:
+        if r.get("_seed") == seed:
+            scored = r.get("_scored_with", _reward_switches(arm_config(base, arm, Path("."))["grpo"]))
+            return r if scored == want else None
+    return None
+
+
 def _noop_notes(eval_jsonl: Path, arms: list[str]) -> list[str]:
     """Arms that cannot differ from the baseline on this data: EDNM is the reward of spatial number
     answers only (``GRPOConfig.reward_config_dict``), so without such rows its arms equal the baseline."""
@@ -144,7 +168,7 @@ def _noop_notes(eval_jsonl: Path, arms: list[str]) -> list[str]:
     if any(r["task"] == "spatial" and r["answer_type"] == "number" for r in rows):
         return []
     return [f"note: the held-out data has no spatial number answers, so {', '.join(same)} equal(s) the baseline "
-            f"by construction (pass --families with a spatial number family, e.g. width)"]
+            f"by construction (pass --families with a spatial number family, e.g. length)"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,10 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="the demo's --quick sizes (a smoke test, not a result)")
     ap.add_argument("--families", nargs="+", default=None,
                     help="synthetic task families (default: the demo's own); the EDNM arms need a spatial "
-                         "family with number answers, e.g. --families hue corners width")
+                         "family with number answers, e.g. --families hue length")
     ap.add_argument("--reuse", action="store_true",
                     help="skip data + SFT for a seed whose directory already holds them (e.g. --out demo_output "
                          "after `make demo SEEDS=3`): that directory's grpo.yaml is the baseline")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the (arm, seed) results already in <out>/results.json that were scored with this "
+                         "run's held-out reward and run only the others (implies --reuse)")
     a = ap.parse_args(argv)
     arms = list(ARMS) if a.arms == "all" else [x.strip() for x in a.arms.split(",") if x.strip()]
     bad = [x for x in arms if x not in ARMS]
@@ -179,25 +206,40 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    seeds = [a.seed + i for i in range(a.seeds)]
+    saved = json.loads((out / "results.json").read_text()) if a.resume and (out / "results.json").exists() else {}
     results: dict[str, list[dict]] = {arm: [] for arm in arms}
-    for i in range(a.seeds):
-        seed = a.seed + i
+    kept = 0
+    for seed in seeds:
         sdir = out / f"seed_{seed}"
-        base = _prepared(sdir, seed) if a.reuse else None
-        if base is None:
-            _, _, base = demo.prepare(sdir, seed, S, evaluate_init=False)
-        else:
-            demo._say(f"seed {seed}: reusing the data and SFT checkpoint in {sdir}")
+        base = _prepared(sdir, seed) if a.reuse or a.resume else None
+        todo = []
         for arm in arms:
+            old = _kept(saved.get(arm, []), seed, base, arm) if base is not None else None
+            if old is None:
+                todo.append(arm)
+            else:
+                results[arm].append(old)
+                kept += 1
+        if todo and base is None:
+            _, _, base = demo.prepare(sdir, seed, S, evaluate_init=False)
+        elif todo:
+            demo._say(f"seed {seed}: reusing the data and SFT checkpoint in {sdir}")
+        for arm in todo:
             demo._say(f"seed {seed}: arm {arm}")
-            _, curve = demo.grpo_stage(sdir, S, arm_config(base, arm, sdir), tag=f"grpo_{arm}")
-            results[arm].append({**curve[-1]["table"], "_seed": seed})
-        (out / "results.json").write_text(json.dumps(results, indent=1))
+            cfg = arm_config(base, arm, sdir)
+            _, curve = demo.grpo_stage(sdir, S, cfg, tag=f"grpo_{arm}")
+            results[arm].append({**curve[-1]["table"], "_seed": seed, "_scored_with": cfg["grpo"]["eval_reward"]})
+        for arm in arms:
+            results[arm].sort(key=lambda r: r["_seed"])
+        (out / "results.json").write_text(json.dumps({**saved, **results}, indent=1))
     wall = time.perf_counter() - t0
     table, verdicts = summarize(results)
     notes = _noop_notes(out / f"seed_{a.seed}/data/eval.jsonl", arms)
     cmd = "python tools/ablate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = (f"command: `{cmd}`; {a.seeds} seed(s), wall time {wall:.0f}s\n\n"
+    runs = f"wall time {wall:.0f}s" + (f" (for the runs made now; {kept} (arm, seed) result(s) kept from an earlier "
+                                       f"run's results.json)" if kept else "")
+    text = (f"command: `{cmd}`; {a.seeds} seed(s), {runs}\n\n"
             f"held-out (greedy, last point of each arm's curve), mean +- 95% interval over seeds:\n\n{table}\n"
             + "".join(f"\n{n}\n" for n in notes))
     (out / "ablations.md").write_text(text)

@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="SFT <think> content: the worked reasoning, or only its concluding sentence")
     p.add_argument("--teacher-accuracy", type=float, default=1.0,
                    help="share of SFT rows with the right answer; the rest get the family's plausible miss (a "
-                        "weaker teacher's cold-start data, which leaves GRPO room to sharpen; the hue/corners/"
-                        "larger/width families model a miss)")
+                        "weaker teacher's cold-start data, which leaves GRPO room to sharpen; the perception"
+                        " families model a miss)")
     p.add_argument("--teacher-miss", choices=("both", "answer"), default="both",
                    help="what a teacher miss changes: 'both' the reasoning and the answer (misperception), "
                         "'answer' only the final answer after right reasoning (an inconsistent conclusion)")

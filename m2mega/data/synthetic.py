@@ -14,7 +14,7 @@ order      spatial    choice       (video) in which order do the shapes appear; 
                                    step, in a 2 fps H.264 clip (opt in: not in the default ``FAMILIES``)
 =========  =========  ===========  ==========================================================================
 
-The five one-feature families of ``PERCEPTION_FAMILIES`` (hue, corners, larger, quadrant, width; each with a
+The six one-feature families of ``PERCEPTION_FAMILIES`` (hue, corners, larger, quadrant, width, length; each with a
 modelled teacher's miss) live in ``synthetic_perception``; the shapes, palette and ``Sample`` record in
 ``synthetic_shapes``.
 
@@ -49,7 +49,7 @@ __all__ = ["FAMILIES", "PERCEPTION_FAMILIES", "VIDEO_FAMILIES", "ALL_FAMILIES", 
            "write_dataset", "COLORS"]
 
 FAMILIES = ("count", "measure", "compare", "arith")  # the default (image) families
-PERCEPTION_FAMILIES = ("hue", "corners", "larger", "quadrant", "width")  # one visual feature each
+PERCEPTION_FAMILIES = ("hue", "corners", "larger", "quadrant", "width", "length")  # one visual feature each
 VIDEO_FAMILIES = ("order",)
 ALL_FAMILIES = FAMILIES + PERCEPTION_FAMILIES + VIDEO_FAMILIES
 VIDEO_FPS = 2.0  # the clips' frame rate, which is also the sampling rate: every frame is used

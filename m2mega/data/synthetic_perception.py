@@ -1,4 +1,4 @@
-"""One-feature (perception) families of the synthetic data: hue, corners, larger, quadrant, width.
+"""One-feature (perception) families of the synthetic data: hue, corners, larger, quadrant, width, length.
 
 Each asks about one visual feature of a 56 px image and names the neighbouring class as a weaker teacher's
 miss (``Sample.miss``): with ``write_dataset(teacher_accuracy < 1)`` the cold-start policy samples the right
@@ -116,4 +116,23 @@ def _width(rng: random.Random) -> Sample:
                   miss=(str(k + 1), f"The orange bar spans {k + 1} tenths of the width: {k + 1} m."))
 
 
-PERCEPTION_GENERATORS = {"hue": _hue, "corners": _corners, "larger": _larger, "quadrant": _quadrant, "width": _width}
+def _length(rng: random.Random) -> Sample:
+    # width's question with four far-apart classes (quarters, like hue's four colours): nine classes with a
+    # one-off miss were too fine for the tiny policy to sharpen (docs/grpo.md); the miss cycles like hue's
+    # so every class keeps a sampled alternative, and EDNM scores it by its relative error.
+    k, t = rng.randint(1, 4), rng.randint(4, 10)
+    length, m = 14 * k, k % 4 + 1
+    q = {n: f"{n} quarter{'s' if n > 1 else ''}" for n in (k, m)}
+    x0, y0 = rng.randint(0, 56 - length), rng.randint(2, 54 - t)
+
+    def draw(d):
+        d.rectangle((x0, y0, x0 + length - 1, y0 + t - 1), fill=COLORS["orange"])
+
+    return Sample("length", "spatial", "number", "The image is 4 m wide. How long is the orange bar, in metres?",
+                  str(k), f"The orange bar spans {q[k]} of the width: {k} m.", 1 - (t - 4) / 6, 56,
+                  {"k": k, "x0": x0, "y0": y0, "thickness": t}, draw,
+                  miss=(str(m), f"The orange bar spans {q[m]} of the width: {m} m."))
+
+
+PERCEPTION_GENERATORS = {"hue": _hue, "corners": _corners, "larger": _larger, "quadrant": _quadrant, "width": _width,
+                         "length": _length}

@@ -3,10 +3,10 @@
     torchrun --nproc-per-node=N -m m2mega.eval.run --config grpo.yaml --eval-prefix data/eval \
         [--checkpoint DIR] [--eval-json out.json] [--max-new-tokens K] [--greedy/--sample]
 
-The model (family, preset, TP/PP) and the reward switches come from the training config; the weights from
-``--checkpoint`` (a checkpoint or a save root; default ``model.init_from``; none: the seeded random init,
-the "before training" baseline). Prints the per-task table (accuracy, reward, format, response length,
-repetition) and optionally writes it as JSON.
+The model (family, preset, TP/PP) and the reward switches (``grpo.eval_reward`` over the training reward)
+come from the training config; the weights from ``--checkpoint`` (a checkpoint or a save root; default
+``model.init_from``; none: the seeded random init, the "before training" baseline). Prints the per-task
+table (accuracy, reward, format, response length, repetition) and optionally writes it as JSON.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def evaluate_checkpoint(cfg, eval_prefix: str, checkpoint: Optional[str], *, max
     with torch.no_grad():
         return evaluate_prompts(
             model, prefix_prompts(eval_prefix), lambda ids: tok.decode(ids, skip_special_tokens=True),
-            RewardConfig.from_dict(cfg.grpo.reward_config_dict()), eos_token_id=stop_token_ids(tok),
+            RewardConfig.from_dict(cfg.grpo.eval_reward_config_dict()), eos_token_id=stop_token_ids(tok),
             pad_token_id=tok.pad_id, max_new_tokens=max_new_tokens or cfg.grpo.max_new_tokens,
             batch_size=batch_size, greedy=greedy, temperature=cfg.grpo.temperature, seed=cfg.seed, samples=samples)
 

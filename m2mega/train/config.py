@@ -183,6 +183,11 @@ class SFTConfig:
     eval_iters: int = 1  # global batches per validation pass
 
 
+# The GRPOConfig fields that define the reward (reward_config_dict), which grpo.eval_reward may override.
+REWARD_SWITCHES = ("numeric_reward", "ednm_lambda", "ednm_gamma", "format_weight", "repetition_penalty",
+                   "repetition_weight", "reward_overrides", "custom_reward_function")
+
+
 @dataclass
 class GRPOConfig:
     prompts_per_step: int = 8  # global: prompts per optimizer step (each with group_size rollouts)
@@ -233,6 +238,10 @@ class GRPOConfig:
     eval_prefix: Optional[str] = None
     eval_interval: int = 0  # rollout steps between held-out validations (0: off)
     eval_samples: int = 0  # sampled answers per held-out prompt (mean@k / pass@k)
+    # Held-out scoring (the curve above, grpo --eval-prefix, m2mega.eval.run) with these reward switches in
+    # place of the training reward's, e.g. {ednm_lambda: 2.0}: runs trained on different rewards are then
+    # compared on one (tools/ablate.py sets the baseline's). Empty: score with the training reward.
+    eval_reward: dict = field(default_factory=dict)
     def uses_kl(self) -> bool:
         """Whether the KL term is ever non-zero (then the frozen ref_policy is needed)."""
         return (self.beta_max if self.kl_schedule == "cosine" else self.beta) > 0
@@ -255,6 +264,12 @@ class GRPOConfig:
         for task, over in self.reward_overrides.items():
             out.setdefault(task, {}).update(over)
         return out
+
+    def eval_reward_config_dict(self) -> dict:
+        """:meth:`reward_config_dict` of held-out scoring: the training switches with ``eval_reward``'s."""
+        if not self.eval_reward:
+            return self.reward_config_dict()
+        return dataclasses.replace(self, **self.eval_reward, eval_reward={}).reward_config_dict()
 
 
 @dataclass
@@ -585,11 +600,14 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         from m2mega.rewards import RewardConfig
     except ImportError:
         RewardConfig = None
+    bad = sorted(set(g.eval_reward) - set(REWARD_SWITCHES))
+    _check(not bad, f"grpo.eval_reward: unknown key(s) {bad}; reward switches: {', '.join(REWARD_SWITCHES)}")
     if RewardConfig is not None:
-        try:
-            RewardConfig.from_dict(g.reward_config_dict())
-        except ValueError as e:
-            raise ConfigError(f"grpo reward settings: {e}") from None
+        for key, rc in (("grpo reward settings", g.reward_config_dict), ("grpo.eval_reward", g.eval_reward_config_dict)):
+            try:
+                RewardConfig.from_dict(rc())
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
     from .families import get_model_family  # the family registry imports model code only when asked
 
     try:

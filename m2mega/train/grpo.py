@@ -111,7 +111,7 @@ def run_grpo(cfg: TrainConfig, *, eval_prefix: Optional[str] = None,
                   "checkpoint": trainer.last_checkpoint}
         if eval_prefix:
             result["eval"] = evaluate_prompts(
-                runner.policy, prefix_prompts(eval_prefix), runner.decode, runner.reward_config,
+                runner.policy, prefix_prompts(eval_prefix), runner.decode, runner.eval_reward_config,
                 eos_token_id=runner.eos, pad_token_id=runner.pad, max_new_tokens=g.max_new_tokens)
         return result
     finally:

@@ -64,6 +64,7 @@ class GRPORunner:
         self.cfg, self.trainer, self.prompts, self.decode = cfg, trainer, prompts, decode
         self.eos, self.pad = eos_token_id, pad_token_id
         self.reward_config = RewardConfig.from_dict(g.reward_config_dict())
+        self.eval_reward_config = RewardConfig.from_dict(g.eval_reward_config_dict())  # held-out scoring
         self.reward_failures = RewardFailureMeter()  # failed custom rewards / grader timeouts per step
         if g.kl_schedule == "cosine":
             self.kl = KLSchedule("cosine", total_steps=cfg.schedule.train_iters, beta_min=g.beta_min,
@@ -325,7 +326,7 @@ class GRPORunner:
         """One point of the held-out curve (greedy + ``eval_samples`` sampled answers), logged to
         TensorBoard as ``heldout/<task>/<metric>``."""
         g, it = self.cfg.grpo, trainer.iteration
-        table = validation_table(self.policy, self.eval_prompts, self.decode, self.reward_config,
+        table = validation_table(self.policy, self.eval_prompts, self.decode, self.eval_reward_config,
                                  samples=g.eval_samples, eos_token_id=self.eos, pad_token_id=self.pad,
                                  max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                                  seed=self.cfg.seed + 17)
