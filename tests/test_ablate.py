@@ -187,3 +187,13 @@ def test_resume_keeps_results_scored_with_this_runs_reward(tmp_path, monkeypatch
     ran.clear()
     assert ab.main(["--out", str(out), "--seeds", "2", "--arms", "baseline,shuffled,ednm_lambda5", "--resume"]) == 0
     assert ran == []
+
+
+def test_plot_draws_seeds_and_paired_differences(tmp_path):
+    pytest.importorskip("matplotlib")
+    ab = _ablate()
+    row = lambda seed, acc: {"all": {"correct": acc, "reward": acc + 0.1}, "_seed": seed}  # noqa: E731
+    results = {"baseline": [row(1, 0.5), row(2, 0.7)], "shuffled": [row(1, 0.55), row(2, 0.6)],
+                "ednm_lambda5": [row(2, 0.7)]}  # a missing seed is skipped, not an error
+    ab.plot(results, tmp_path / "a.png")
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

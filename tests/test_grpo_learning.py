@@ -95,7 +95,9 @@ def learning_configs(prefixes: dict, *, steps: int, seed: int = 3) -> tuple[dict
             "data": {"source": "packed", "train_prefix": prefixes["train"], "order": "shuffle"},
             "grpo": {"prompts_per_step": 8, "group_size": 8, "max_new_tokens": 8, "temperature": 1.0,
                      "kl_schedule": "constant", "beta": 0.0, "advantage_weighting": "dynamic",
-                     "eval_prefix": prefixes["heldout"], "eval_interval": steps, "eval_samples": 8}}
+                     "eval_prefix": prefixes["heldout"], "eval_interval": steps, "eval_samples": 8,
+                     # held-out scoring only: half weight on accuracy (the test checks the curve used it)
+                     "eval_reward": {"reward_overrides": {"general": {"accuracy_weight": 0.5}}}}}
     return sft, grpo
 
 
@@ -119,3 +121,7 @@ def test_grpo_raises_held_out_accuracy(task_prefixes):
     assert end["correct"] >= 0.7, (start, end)  # greedy, held-out: the loop learnt it, and it transfers
     assert end["mean@8"] >= start["mean@8"] + 0.25, (start, end)
     assert sum(m["updates"] for m in res["history"]) >= steps // 2, res["history"]
+    # grpo.eval_reward scored the held-out curve (accuracy at half weight, no format earned at 8 tokens)
+    for p in v:
+        t = p["table"]["all"]
+        assert t["format"] == 0 and t["reward"] == pytest.approx(0.5 * t["accuracy"]), t

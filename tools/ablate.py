@@ -112,6 +112,9 @@ def summarize(results: dict[str, list[dict]]) -> tuple[str, list[str]]:
 
 
 def plot(results: dict[str, list[dict]], path: Path) -> None:
+    """Left: held-out accuracy per arm, one line per seed (seeds differ far more than arms do at small
+    sizes, so the seed lines show what the bars' intervals hide). Right: each arm minus the baseline,
+    paired by seed: the mean with its 95% interval and the seeds' own differences."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,13 +123,31 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     from m2mega.rl.tables import mean_ci
 
     arms = list(results)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for ax, key in zip(axes, ("correct", "reward")):
-        stats = [mean_ci([r["all"][key] for r in results[a]]) for a in arms]
-        ax.bar(range(len(arms)), [m for m, _ in stats], yerr=[0 if h != h else h for _, h in stats], capsize=4)
-        ax.set_xticks(range(len(arms)), arms, rotation=35, ha="right", fontsize=8)
-        ax.set_ylabel(f"held-out {'accuracy' if key == 'correct' else 'mean reward'} (all tasks)")
-    fig.suptitle("GRPO ablations (mean and 95% interval over seeds)")
+    seeds = sorted({r["_seed"] for rs in results.values() for r in rs})
+    acc = {a: {r["_seed"]: r["all"]["correct"] for r in results[a]} for a in arms}
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
+    x = range(len(arms))
+    for s in seeds:
+        ax.plot(x, [acc[a].get(s, float("nan")) for a in arms], "o-", alpha=0.7, label=f"seed {s}")
+    ax.plot(x, [mean_ci(list(acc[a].values()))[0] for a in arms], "k_", markersize=18, mew=2, label="mean")
+    ax.set_xticks(x, arms, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("held-out accuracy (all tasks, greedy)")
+    ax.legend(fontsize=7)
+    others = [a for a in arms if a != "baseline"] if "baseline" in arms else []
+    for i, a in enumerate(others):
+        for key, off, color in (("correct", -0.15, "C0"), ("reward", 0.15, "C1")):
+            base = {r["_seed"]: r["all"][key] for r in results["baseline"]}
+            d = [r["all"][key] - base[r["_seed"]] for r in results[a] if r["_seed"] in base]
+            m, h = mean_ci(d)
+            bx.errorbar(i + off, m, yerr=0 if h != h else h, fmt="o", color=color, capsize=4,
+                        label=("d accuracy" if key == "correct" else "d reward") if i == 0 else None)
+            bx.plot([i + off] * len(d), d, ".", color=color, alpha=0.4)
+    bx.axhline(0, color="k", lw=0.8)
+    bx.set_xticks(range(len(others)), others, rotation=35, ha="right", fontsize=8)
+    bx.set_ylabel("arm - baseline, same seed (all tasks)")
+    if others:
+        bx.legend(fontsize=7)
+    fig.suptitle(f"GRPO ablations over {len(seeds)} seed(s): per seed, and paired differences (mean, 95% interval)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
