@@ -576,7 +576,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     _check(g.temperature > 0, f"grpo.temperature must be > 0, got {g.temperature}")
     _check(0 < g.top_p <= 1, f"grpo.top_p must be in (0, 1], got {g.top_p}")
     _check(g.max_new_tokens >= 1, f"grpo.max_new_tokens must be >= 1, got {g.max_new_tokens}")
-    _check(0 <= g.clip_low < 1 and g.clip_high >= 0, f"grpo clip range: need 0 <= clip_low < 1, clip_high >= 0")
+    _check(0 <= g.clip_low < 1 and g.clip_high >= 0,
+           f"grpo clip range: need 0 <= clip_low < 1, clip_high >= 0, got {g.clip_low}, {g.clip_high}")
     _check(0 <= g.beta_min <= g.beta_max and g.beta >= 0,
            f"grpo: need 0 <= beta_min ({g.beta_min}) <= beta_max ({g.beta_max}) and beta >= 0")
     _check(g.sigma > 0 and g.adv_eps > 0, "grpo.sigma and grpo.adv_eps must be > 0")
