@@ -121,9 +121,16 @@ def test_readers_have_no_catastrophic_backtracking(seed):
         text = "5 " + unit * (1990 // len(unit)) + rng.choice(["1", "!", "", "}"])
         for fn, limit in ((parse_number, 0.05), (parse_choice, 0.05), (extract_answer, 0.05),
                           (lambda t: math_equal(t, "5", timeout_s=0.3), 0.6)):  # fmt: skip
-            t0 = time.perf_counter()
-            fn(text)
-            assert time.perf_counter() - t0 < limit, (fn, unit)
+            # best of up to 3: backtracking is slow on every call, a preemption of this process on a loaded
+            # 2-core CI machine (once 350 ms for a 0.5 ms parse) is not
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn(text)
+                best = min(best, time.perf_counter() - t0)
+                if best < limit:
+                    break
+            assert best < limit, (fn, unit, best)
 
 
 # Answers of the shapes the grader's fast paths and parser settings touch (not from the corpus).
