@@ -77,8 +77,8 @@ def test_flags_override_yaml_with_type_coercion(tmp_path):
     g = dataclasses.replace(cfg.grpo, ednm_lambda=5.0, numeric_reward="binary", repetition_penalty=True,
                             eval_reward={"ednm_lambda": 2.0, "numeric_reward": "ednm", "repetition_penalty": False})
     ev, tr = g.eval_reward_config_dict(), g.reward_config_dict()
-    assert (tr["spatial"]["numeric"], tr["spatial"]["ednm_lambda"], tr["default"]["repetition_penalty"]) == ("binary", 5.0, True)
-    assert (ev["spatial"]["numeric"], ev["spatial"]["ednm_lambda"], ev["default"]["repetition_penalty"]) == ("ednm", 2.0, False)
+    switches = lambda d: (d["spatial"]["numeric"], d["spatial"]["ednm_lambda"], d["default"]["repetition_penalty"])  # noqa: E731
+    assert switches(tr) == ("binary", 5.0, True) and switches(ev) == ("ednm", 2.0, False)
     assert ev["general"] == tr["general"] and g.ednm_lambda == 5.0  # the rest kept; the config itself unchanged
 
 

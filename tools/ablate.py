@@ -8,9 +8,10 @@ arm then runs GRPO from that same SFT checkpoint with the same data, iterations 
 changing one config switch against the baseline (curriculum order, EDNM lambda 2, Eq. 6 dynamic weights,
 Eq. 7 cosine KL, no repetition penalty). Each arm is scored by its held-out curve's last point (greedy,
 the demo's held-out split, every arm's reward scored with the baseline's reward switches). ``--resume``
-keeps an earlier run's results in ``<out>/results.json`` and runs only the missing ones. Writes ``<out>/ablations.md`` (mean +- 95% interval over seeds of held-out
-accuracy and reward per task and of the repetition rate, and each arm's difference to the baseline with
-its paired interval) and ``<out>/ablations.png``.
+keeps an earlier run's results in ``<out>/results.json`` and runs only the missing ones. Writes
+``<out>/ablations.md`` (mean +- 95% interval over seeds of held-out accuracy and reward per task and of
+the repetition rate, and each arm's difference to the baseline with its paired interval) and
+``<out>/ablations.png`` (per-seed accuracy and the paired differences).
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     bx.set_ylabel("arm - baseline, same seed (all tasks)")
     if others:
         bx.legend(fontsize=7)
-    fig.suptitle(f"GRPO ablations over {len(seeds)} seed(s): per seed, and paired differences (mean, 95% interval)")
+    fig.suptitle(f"GRPO ablations over {len(seeds)} seed(s): per seed, and paired differences "
+                 f"(mean, 95% interval)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -377,7 +377,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     bad = sorted(set(g.eval_reward) - set(REWARD_SWITCHES))
     _check(not bad, f"grpo.eval_reward: unknown key(s) {bad}; reward switches: {', '.join(REWARD_SWITCHES)}")
     if RewardConfig is not None:
-        for key, rc in (("grpo reward settings", g.reward_config_dict), ("grpo.eval_reward", g.eval_reward_config_dict)):
+        checks = (("grpo reward settings", g.reward_config_dict), ("grpo.eval_reward", g.eval_reward_config_dict))
+        for key, rc in checks:
             try:
                 RewardConfig.from_dict(rc())
             except ValueError as e:
