@@ -82,6 +82,23 @@ def test_flags_override_yaml_with_type_coercion(tmp_path):
     assert ev["general"] == tr["general"] and g.ednm_lambda == 5.0  # the rest kept; the config itself unchanged
 
 
+def test_reward_switches_are_the_fields_the_reward_reads():
+    """grpo.eval_reward accepts REWARD_SWITCHES: exactly the GRPOConfig fields reward_config_dict reads, so
+    a reward switch added later cannot be left out of held-out scoring's overrides."""
+    from m2mega.train.config import REWARD_SWITCHES, GRPOConfig
+
+    g, read = GRPOConfig(), set()
+    for f in dataclasses.fields(GRPOConfig):
+        marker = object()
+        try:
+            changed = dataclasses.replace(g, **{f.name: marker}).reward_config_dict() != g.reward_config_dict()
+        except (AttributeError, TypeError):  # it was read (e.g. iterated)
+            changed = True
+        if changed:
+            read.add(f.name)
+    assert read == set(REWARD_SWITCHES)
+
+
 @pytest.mark.parametrize(
     "data, flags, match",
     [

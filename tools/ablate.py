@@ -135,10 +135,10 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     ax.set_ylabel("held-out accuracy (all tasks, greedy)")
     ax.legend(fontsize=7)
     others = [a for a in arms if a != "baseline"] if "baseline" in arms else []
+    base = {r["_seed"]: r["all"] for r in results.get("baseline", [])}
     for i, a in enumerate(others):
         for key, off, color in (("correct", -0.15, "C0"), ("reward", 0.15, "C1")):
-            base = {r["_seed"]: r["all"][key] for r in results["baseline"]}
-            d = [r["all"][key] - base[r["_seed"]] for r in results[a] if r["_seed"] in base]
+            d = [r["all"][key] - base[r["_seed"]][key] for r in results[a] if r["_seed"] in base]
             m, h = mean_ci(d)
             bx.errorbar(i + off, m, yerr=0 if h != h else h, fmt="o", color=color, capsize=4,
                         label=("d accuracy" if key == "correct" else "d reward") if i == 0 else None)
@@ -176,7 +176,8 @@ def _kept(saved: list[dict], seed: int, base: dict, arm: str) -> dict | None:
     want = _reward_switches(base.get("grpo", {}))
     for r in saved:
         if r.get("_seed") == seed:
-            scored = r.get("_scored_with", _reward_switches(arm_config(base, arm, Path("."))["grpo"]))
+            own = {**base.get("grpo", {}), **ARMS[arm].get("grpo", {})}  # the arm's training reward
+            scored = r.get("_scored_with", _reward_switches(own))
             return r if scored == want else None
     return None
 
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep the (arm, seed) results already in <out>/results.json that were scored with this "
                          "run's held-out reward and run only the others (implies --reuse)")
     a = ap.parse_args(argv)
+    a.reuse = a.reuse or a.resume
     arms = list(ARMS) if a.arms == "all" else [x.strip() for x in a.arms.split(",") if x.strip()]
     bad = [x for x in arms if x not in ARMS]
     if bad:
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     kept = 0
     for seed in seeds:
         sdir = out / f"seed_{seed}"
-        base = _prepared(sdir, seed) if a.reuse or a.resume else None
+        base = _prepared(sdir, seed) if a.reuse else None
         todo = []
         for arm in arms:
             old = _kept(saved.get(arm, []), seed, base, arm) if base is not None else None
