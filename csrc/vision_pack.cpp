@@ -1,4 +1,4 @@
-// torch binding of the vision packer (m2mega._C): input checks, planning, CPU / CUDA dispatch and the
+// torch binding of m2mega._C: the vision packer: input checks, planning, CPU / CUDA dispatch and the
 // vision-tower metadata. Bad input raises std::invalid_argument, which pybind11 turns into ValueError.
 #include <torch/extension.h>
 
@@ -8,6 +8,7 @@
 #include <tuple>
 #include <vector>
 
+#include "lm_decode_cpu.h"
 #include "vision_pack_cpu.h"
 #include "vision_pack_kernels.h"
 #include "vision_pack_plan.h"
@@ -276,4 +277,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("smart_resize", [](int64_t h, int64_t w, int64_t factor, int64_t min_p, int64_t max_p) {
     return m2vp::smart_resize(h, w, factor, min_p, max_p);
   }, "HF Qwen2-VL smart_resize (C++ twin of m2mega.ops.smart_resize)");
+  register_lm_decode(m);  // the rollout engine's fused CPU decode step (lm_decode_cpu.cpp)
 }

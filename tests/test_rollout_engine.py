@@ -14,7 +14,7 @@ the weights of the HF parity model:
 - rollout log-probs == the training forward's log-probs of the same tokens (teacher forcing, fp32);
 - the inference stage's prefill logits == the training forward's logits;
 - the benchmark command end to end at tiny sizes;
-- (slow, 4 gloo ranks) TP2 x PP2 and TP2: greedy == HF, samples identical on every rank and equal to TP1's.
+- (slow, 4 gloo ranks) TP2 x PP2, TP2 and PP2 (the fused CPU decode per stage): greedy == HF, samples identical on every rank and equal to TP1's.
 """
 
 from __future__ import annotations
@@ -382,7 +382,8 @@ def _layout_body(sd, samples, pv, grids):
 
     cfg = preset("tiny")
     results = {}
-    for name, (tp, pp) in {"tp2pp2": (2, 2), "tp2": (2, 1)}.items():
+    # pp2 (TP1, 2 data-parallel replicas): each stage decodes with the fused CPU kernel where it is built.
+    for name, (tp, pp) in {"tp2pp2": (2, 2), "tp2": (2, 1), "pp2": (1, 2)}.items():
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         rt.init(tp, pp)
@@ -394,13 +395,13 @@ def _layout_body(sd, samples, pv, grids):
         greedy = eng.generate(reqs, max_new_tokens=NEW)
         sampled = eng.generate(reqs, max_new_tokens=NEW, sampling=SamplingParams(temperature=1.0, top_k=50), seed=9)
         results[name] = {"greedy": _tokens(greedy), "sampled": _tokens(sampled),
-                         "logp": [s.logprobs for g in sampled for s in g]}
+                         "logp": [s.logprobs for g in sampled for s in g], "fused": eng.stats.fused_decode}
     return results
 
 
 @pytest.mark.multirank
 @pytest.mark.slow
-def test_engine_tp2pp2_and_tp2_match_hf_and_agree_across_ranks(model):
+def test_engine_tp2pp2_tp2_pp2_match_hf_and_agree_across_ranks(model):
     from m2mega.inference import SamplingParams
     from m2mega.inference.engine import RolloutEngine
     from m2mega.runtime.multiproc import run_ranks
@@ -409,7 +410,11 @@ def test_engine_tp2pp2_and_tp2_match_hf_and_agree_across_ranks(model):
     tp1 = _tokens(RolloutEngine(model, max_batch=4).generate(
         _requests(2), max_new_tokens=NEW, sampling=SamplingParams(temperature=1.0, top_k=50), seed=9))
     results = run_ranks(_layout_body, 4, args=(sd, batch.samples, pv, grids), timeout_s=600)
-    for name in ("tp2pp2", "tp2"):
+    from m2mega.inference.fused_decode import fused_decode_available
+
+    assert [r["pp2"]["fused"] for r in results] == [fused_decode_available()] * 4
+    assert not any(r[name]["fused"] for r in results for name in ("tp2pp2", "tp2"))
+    for name in ("tp2pp2", "tp2", "pp2"):
         for rank, r in enumerate(results):
             assert r[name]["greedy"] == [[row] * 2 for row in hf], f"{name} rank {rank}: greedy differs from HF"
             assert r[name]["sampled"] == results[0][name]["sampled"], f"{name}: rank {rank} sampled differently"

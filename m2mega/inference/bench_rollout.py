@@ -158,6 +158,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max-batch", type=int, default=256, help="engine decode slots")
     p.add_argument("--cascade", choices=("auto", "on", "off"), default="auto",
                    help="engine's cascade attention over shared prompts (auto: CPU, prompts of >= 128 tokens)")
+    p.add_argument("--fused-decode", choices=("auto", "on", "off"), default="auto",
+                   help="engine's fused CPU decode step, m2mega._C.lm_decode_cpu (auto: CPU fp32 TP1 when built)")
     p.add_argument("--modes", default="greedy,sample")
     p.add_argument("--contenders", default="static,engine,hf")
     p.add_argument("--device", default="cpu")
@@ -216,12 +218,14 @@ def main(argv=None) -> dict:
         "vocab": cfg.text.vocab_size, "dtype": args.dtype, "device": str(dev), "prompts": args.prompts,
         "image_prompts": args.image_prompts, "image_size": list(args.image_size),
         "prompt_tokens": [s.numel() for s in prompts], "group": G, "new_tokens": NEW, "eos_ids": len(eos),
-        "threads": torch.get_num_threads(), "max_batch": args.max_batch, "cascade": args.cascade},
+        "threads": torch.get_num_threads(), "max_batch": args.max_batch, "cascade": args.cascade,
+        "fused_decode": args.fused_decode},
         "environment": _environment(dev)}
     try:
         model = build_model(cfg, dtype=dtype)
         load_hf_into_model(model, {k: v.detach().clone() for k, v in hf.state_dict().items()}, cfg)
-        engine = RolloutEngine(model, max_batch=args.max_batch, cascade=args.cascade)
+        engine = RolloutEngine(model, max_batch=args.max_batch, cascade=args.cascade,
+                               fused_decode=args.fused_decode)
 
         def sync():
             if dev.type == "cuda":
@@ -243,7 +247,8 @@ def main(argv=None) -> dict:
             return [x.tokens.tolist() for r in out for x in r], {
                 "prefill_s": s.prefill_s, "decode_s": s.decode_s, "decode_steps": s.decode_steps,
                 "slots": s.slots, "slot_occupancy": round(s.slot_occupancy, 3), "images_encoded": s.images_encoded,
-                "cuda_graphs": s.cuda_graphs, "cascade": s.cascade, "kv_bytes": s.kv_bytes}
+                "cuda_graphs": s.cuda_graphs, "cascade": s.cascade, "fused_decode": s.fused_decode,
+                "kv_bytes": s.kv_bytes}
 
         S = max(s.numel() for s in prompts)
         ids = torch.full((len(prompts), S), PAD, dtype=torch.long, device=dev)

@@ -14,10 +14,11 @@ many samples) and:
 3. **KV slab.** :class:`~m2mega.inference.kv_cache.KVSlab` is allocated once per call (reused across calls
    when big enough) with ``slots x capacity`` tokens, ``slots <= max_batch`` and
    ``slots x capacity <= max_kv_tokens``: the memory bound. Decode attends over the live slots' prefix of
-   the slab rounded up to 64 columns (``span``). On CPU, for groups of long prompts
-   (:func:`use_cascade`), :class:`~m2mega.inference.cascade.CascadeKV` takes its place: each prompt's keys and
-   values stored once and attended once per group (cascade attention), the slots holding only what they
-   generate.
+   the slab rounded up to 64 columns (``span``). On CPU (fp32, TP1) a decode step on the slab runs as one
+   fused kernel call (:mod:`~m2mega.inference.fused_decode`); for groups of very long prompts
+   (:func:`~m2mega.inference.cascade.use_cascade`), :class:`~m2mega.inference.cascade.CascadeKV` takes the
+   slab's place: each prompt's keys and values stored once and attended once per group (cascade
+   attention), the slots holding only what they generate.
 4. **CUDA graphs** (:func:`use_cuda_graphs`): on CUDA at TP1 x PP1 decode steps are captured per
    (batch bucket, span), both powers of two, and replayed; padded rows point at free slots. A capture that
    fails is warned about once and decoding continues eagerly.
@@ -43,7 +44,8 @@ from torch import Tensor
 from m2mega.models.wrappers import unwrap_vlm
 from m2mega.runtime.cpu import plain_dispatch
 
-from .cascade import CascadeKV
+from .cascade import CascadeKV, use_cascade
+from .fused_decode import use_fused_decode
 from .generate import _broadcast_choice, _collect_images, _collect_seconds, _inference_mode
 from .graphs import _bucket, _Graphs, use_cuda_graphs
 from .kv_cache import KVSlab
@@ -106,6 +108,7 @@ class EngineStats:
     slot_occupancy: float = 0.0  # mean live slots / slots over decode steps
     cuda_graphs: bool = False
     cascade: bool = False  # decoded with cascade attention (CascadeKV)
+    fused_decode: bool = False  # decoded with the fused CPU kernel (m2mega._C.lm_decode_cpu)
     graphs_captured: int = 0
     kv_bytes: int = 0
     slab_allocations: int = 0  # over the engine's lifetime
@@ -142,10 +145,12 @@ class RolloutEngine:
     ``max_tokens_per_step``: prompt tokens packed into one prefill forward (a longer prompt runs alone);
     ``max_kv_tokens``: bound on slots x capacity of the KV slab (None: half the free memory on CUDA, no
     bound elsewhere); ``cuda_graphs``: auto / on / off (:func:`use_cuda_graphs`); ``cascade``: auto / on /
-    off, cascade attention over shared prompts (:func:`use_cascade`)."""
+    off, cascade attention over shared prompts (:func:`use_cascade`); ``fused_decode``: auto / on / off, the
+    fused CPU decode step (:func:`~m2mega.inference.fused_decode.use_fused_decode`)."""
 
     def __init__(self, model, *, max_batch: int = 256, max_tokens_per_step: int = 8192,
-                 max_kv_tokens: Optional[int] = None, cuda_graphs: str = "auto", cascade: str = "auto") -> None:
+                 max_kv_tokens: Optional[int] = None, cuda_graphs: str = "auto", cascade: str = "auto",
+                 fused_decode: str = "auto") -> None:
         from .stage import LMStage
 
         if max_batch < 1 or max_tokens_per_step < 1:
@@ -160,6 +165,7 @@ class RolloutEngine:
         if cascade == "on" and not self.stage.matmul_attention:
             raise ValueError("cascade=on needs the CPU decode (matmul attention); CUDA decodes from the KV slab")
         self.cascade = cascade
+        self.stage.fused_decode = use_fused_decode(fused_decode, self.stage)
         self.slab = None
         self._graphs: Optional[_Graphs] = None
         self.stats = EngineStats()
@@ -217,6 +223,7 @@ class RolloutEngine:
         st = self.stats = EngineStats(requests=len(reqs), samples=total, slots=slab.slots, capacity=slab.capacity,
                                       cuda_graphs=self.graphs_on, kv_bytes=slab.nbytes,
                                       cascade=isinstance(slab, CascadeKV),
+                                      fused_decode=self.stage.fused_decode and isinstance(slab, KVSlab),
                                       slab_allocations=self._allocations)
         results: list[list[Optional[Sample]]] = [[None] * r.num_samples for r in reqs]
         queue = deque((i, j) for i, r in enumerate(reqs) for j in range(r.num_samples))
@@ -327,7 +334,8 @@ class RolloutEngine:
     def _slab(self, slots: int, capacity: int, reqs: list[Request]):
         s = self.slab
         lens = [r.prompt.numel() for r in reqs]
-        if use_cascade(self.cascade, self.stage.matmul_attention, lens, [r.num_samples for r in reqs]):
+        if use_cascade(self.cascade, self.stage.matmul_attention, lens, [r.num_samples for r in reqs],
+                       self.stage.fused_decode):
             need = (slots, min(slots, len(reqs)), max(lens), max(r.max_new_tokens for r in reqs))
             if not isinstance(s, CascadeKV) or not s.fits(*need):
                 self.slab = None
@@ -462,21 +470,6 @@ class RolloutEngine:
             s.cache_len += 1
             s.rope += 1
         return self._choose(logits, keys, steps, sampling, bias)
-
-
-def use_cascade(setting: str, matmul_attention: bool, prompt_lens: Sequence[int], samples: Sequence[int]) -> bool:
-    """Whether a call decodes with cascade attention (:mod:`~m2mega.inference.cascade`: each prompt's keys
-    read once per group). ``auto``: on the CPU decode when groups share prompts (some request has >= 2
-    samples) and the prompts average >= ``CASCADE_MIN_PROMPT`` tokens: below that its extra ops cost more
-    than re-reading the prompt. Measured (one decode step of the bench's 4-layer model, 32 rows of 4
-    prompts, 24 tokens generated, 1 thread, min of 150): 0.97x at prompts of 26-61 tokens (the bench's),
-    1.08x at 100-190, 1.17x at 170-260, 1.48x at 400-600."""
-    if setting == "off" or not matmul_attention:
-        return False
-    return setting == "on" or (max(samples) > 1 and sum(prompt_lens) / len(prompt_lens) >= CASCADE_MIN_PROMPT)
-
-
-CASCADE_MIN_PROMPT = 128
 
 
 def _packed_positions(model, prompts: list[Tensor], grid: Optional[Tensor], video_grid: Optional[Tensor],

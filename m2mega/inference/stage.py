@@ -36,6 +36,7 @@ from torch import Tensor
 from m2mega.runtime.cpu import plain_dispatch
 
 from .cascade import CascadeKV
+from .fused_decode import FusedDecodeWeights
 from .kv_cache import KVSlab, RotaryTable
 
 __all__ = ["LMStage"]
@@ -134,6 +135,10 @@ class LMStage:
         self.out_t: Optional[Tensor] = None  # [hidden, vocab shard] copy of out_w (pack_weights)
         self.rotary = RotaryTable(lm.rotary_pos_emb.inv_freq, cfg.mrope_section, dtype=self.dtype,
                                   device=self.device)
+        # Decode steps on a KV slab through m2mega._C.lm_decode_cpu (the engine decides: use_fused_decode);
+        # its weight list is built by pack_weights, like the [in, out] copies it reads.
+        self.fused_decode = False
+        self._fused: Optional[FusedDecodeWeights] = None
 
     # ------------------------------------------------------------------ pieces
     def pack_weights(self) -> None:
@@ -147,11 +152,13 @@ class LMStage:
             L.t = tuple(w.detach().t().contiguous() for w in (L.wqkv, L.wproj, L.wfc1, L.wfc2))
         if self.last:
             self.out_t = self.out_w.detach().t().contiguous()
+        self._fused = FusedDecodeWeights(self) if self.fused_decode else None
 
     def unpack_weights(self) -> None:
         for L in self.layers:
             L.t = None
         self.out_t = None
+        self._fused = None
 
     def new_slab(self, slots: int, capacity: int) -> KVSlab:
         return KVSlab(len(self.layers), slots, self.groups, capacity, self.head_dim, dtype=self.dtype,
@@ -283,6 +290,12 @@ class LMStage:
         The caller has set the mask column of each new position. Returns logits ``[n, vocab]`` (last stage)."""
         n = tokens.numel()
         x = self._embed(tokens) if self.first else self._recv(n)
+        if self._fused is not None and isinstance(slab, KVSlab):
+            x = self._fused.decode(self, x, cache_pos, rope_pos, slab, span)
+            if not self.last:
+                self._send(x)
+                return None
+            return x[:, : self.vocab]
         cos, sin = self.rotary.lookup(rope_pos)
         if isinstance(slab, CascadeKV):  # span unused: the plan reads each prefix and suffix to its end
             plan = slab.plan(cache_pos)
