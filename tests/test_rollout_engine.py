@@ -355,6 +355,8 @@ def test_rollout_logprobs_match_teacher_forced_training_forward(model):
 
 
 def test_bench_command_end_to_end(tmp_path):
+    from m2mega.inference.fused_decode import fused_decode_available
+
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "m2mega.inference.bench_rollout", "--layers", "1", "--prompts", "2",
            "--image-prompts", "1", "--image-size", "56", "56", "--prompt-len", "8", "12", "--group", "3",
@@ -368,6 +370,7 @@ def test_bench_command_end_to_end(tmp_path):
             row = r[mode][name]
             assert row["tokens"] > 0 and row["tokens_per_s"] > 0 and row["prefill_first_token_s"] > 0
         assert r[mode]["engine"]["images_encoded"] == 1  # one image prompt, encoded once for its 3 samples
+        assert r[mode]["engine"]["fused_decode"] is fused_decode_available()  # --fused-decode auto
         assert r[mode]["engine_vs_hf"] > 0 and r[mode]["engine_vs_static"] > 0
     assert json.loads(p.stdout.strip().splitlines()[-1]) == r
 
