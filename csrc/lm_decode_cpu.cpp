@@ -242,6 +242,9 @@ at::Tensor lm_decode_cpu(const at::Tensor& x_in, const at::Tensor& cos_table, co
 }
 
 void register_lm_decode(pybind11::module& m) {
+  // No Python object is touched inside, so other Python threads (data loader prefetch, TensorBoard
+  // writers) run while a step computes.
   m.def("lm_decode_cpu", &lm_decode_cpu,
-        "One fused decode step of the rollout engine's LM stage on a KV slab (fp32 CPU, TP1)");
+        "One fused decode step of the rollout engine's LM stage on a KV slab (fp32 CPU, TP1)",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }
