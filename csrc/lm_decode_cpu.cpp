@@ -30,8 +30,11 @@
 
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// GCC >= 11 names the x86-64 levels; older GCC (a GPU image's toolchain may be one) gets the ISA names.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define M2_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 6
+#define M2_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define M2_CLONES
 #endif

@@ -105,6 +105,26 @@ def _tokens(out) -> list[list[list[int]]]:
     return [[s.tokens.tolist() for s in group] for group in out]
 
 
+def ab_generate(model, sampling, **engine_kw):
+    """The A/B workload of two engine settings: 3 samples of each prompt through 4 slots, the first
+    prompt's samples stopping after 4 tokens (rows finish, later rows move into their slots, refills).
+    Returns (engine, requests, output)."""
+    from m2mega.inference.engine import RolloutEngine
+
+    eng = RolloutEngine(model, max_batch=4, **engine_kw)
+    reqs = _requests(3)
+    reqs[0].max_new_tokens = 4
+    return eng, reqs, eng.generate(reqs, max_new_tokens=NEW, sampling=sampling, seed=4)
+
+
+def assert_same_samples(a, b) -> None:
+    """Same tokens in every sample, log-probs within fp32 rounding (1e-5)."""
+    assert _tokens(a) == _tokens(b)
+    for ga, gb in zip(a, b):
+        for x, y in zip(ga, gb):
+            assert torch.allclose(x.logprobs, y.logprobs, atol=1e-5, rtol=0), (x.logprobs - y.logprobs).abs().max()
+
+
 def test_greedy_equals_generate_and_hf_with_continuous_batching(model):
     from m2mega.inference import generate
     from m2mega.inference.engine import RolloutEngine
@@ -230,8 +250,9 @@ def test_slab_and_rotary_table_never_move_and_padded_decode_matches(model):
 
 def test_cpu_fast_paths_equal_the_reference_ops(model):
     """The CPU decode's shortcuts: torch's rms_norm == the model's five-op RMSNorm bit for bit; packed
-    [in, out] weights and matmul attention give SDPA + F.linear's logits; the packed copies exist only
-    during generate()."""
+    [in, out] weights and matmul attention give SDPA + F.linear's logits (the packed runs take the fused
+    decode step where m2mega._C has it: the engine's default); the packed copies exist only during
+    generate()."""
     from m2mega.inference.engine import RolloutEngine
     from m2mega.inference.stage import _rms
 
@@ -300,18 +321,12 @@ def test_cascade_decode_equals_slab_decode(model):
     for sp in (SamplingParams(greedy=True), SamplingParams(temperature=1.0)):
         outs = {}
         for mode in ("off", "on"):
-            eng = RolloutEngine(model, max_batch=4, cascade=mode)
-            reqs = _requests(3)
-            reqs[0].max_new_tokens = 4
-            outs[mode] = eng.generate(reqs, max_new_tokens=NEW, sampling=sp, seed=4)
+            eng, reqs, outs[mode] = ab_generate(model, sp, cascade=mode)
             assert isinstance(eng.slab, CascadeKV if mode == "on" else KVSlab) and eng.stats.cascade == (mode == "on")
             again = eng.generate(reqs[1:], max_new_tokens=NEW, sampling=sp, seed=4)  # the cache reused, reset
             assert _tokens(again) == _tokens(outs[mode])[1:] and eng.stats.slab_allocations == 1
-        assert _tokens(outs["on"]) == _tokens(outs["off"])
+        assert_same_samples(outs["on"], outs["off"])
         assert [len(x) for x in _tokens(outs["on"])[0]] == [4] * 3
-        for a, b in zip(outs["on"], outs["off"]):
-            for x, y in zip(a, b):
-                assert torch.allclose(x.logprobs, y.logprobs, atol=1e-5, rtol=0), (x.logprobs - y.logprobs).abs().max()
     assert use_cascade("auto", True, [300, 500], [8, 8]) is True
     assert use_cascade("auto", True, [30, 50], [8, 8]) is False  # short prompts: re-reading them is cheaper
     assert use_cascade("auto", True, [300, 500], [1, 1]) is False  # nothing shared
