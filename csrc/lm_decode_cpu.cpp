@@ -4,7 +4,7 @@
 // Why: on CPU at rollout batch sizes (8-64 rows) a decode step's matmuls are only about 60% of its time;
 // the rest was about 30 small torch calls per layer (RMSNorm's ~10-op composite, rotary, the KV writes,
 // the masked attention's views, matmuls and softmax), each paying Python and dispatcher overhead larger
-// than its arithmetic. Here the matmuls stay ATen's (the same MKL calls as the torch path, bit-identical),
+// than its arithmetic. Here the matmuls stay ATen's (the same MKL calls as the torch path),
 // softmax and SiLU stay ATen's vectorised kernels, and the glue is hand-written loops: RMSNorm, rotary
 // fused with the KV-slab write, and attention that skips the masked columns of the slab (a slot's
 // padding up to the step's span costs nothing). The loops are compiled for AVX-512, AVX2 and baseline
@@ -123,7 +123,7 @@ M2_CLONES void add_rows(float* x, const float* y, const float* bias, int64_t row
   }
 }
 
-// out = a @ w (+ bias): ATen's addmm/mm, the calls the torch path makes (same MKL kernels, same bits).
+// out = a @ w (+ bias): ATen's addmm/mm, the calls the torch path makes (same MKL kernels).
 void linear_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& w, const at::Tensor& bias) {
   if (bias.numel())
     at::addmm_out(out, bias, a, w);

@@ -4,8 +4,9 @@
 :class:`~m2mega.inference.stage.LMStage` on a :class:`~m2mega.inference.kv_cache.KVSlab` in one call: the
 matmuls are ATen's (the same MKL calls as the torch path), the glue (RMSNorm, rotary fused with the KV
 write, attention that skips a slot's masked slab columns) is hand-written. On the rollout bench (2-core AMD
-EPYC, 32 rows of a 4-layer hidden-256 model) it made the engine 1.27-1.36x faster end to end with the same
-tokens, because a decode step there was ~40% Python and small-op overhead (docs/generate.md).
+EPYC, 32 rows of a 4-layer hidden-256 model) it made a decode step 1.31-1.36x and a whole ``generate``
+1.24-1.31x faster with the same tokens: much of a decode step there was Python and small-op overhead, not
+arithmetic (docs/generate.md).
 
 The torch path (``LMStage._layers``) stays the reference and the fallback: everything the kernel does not
 cover (CUDA, bf16, TP > 1, TP wider than the KV heads, a non-SiLU MLP, cascade attention) runs there.

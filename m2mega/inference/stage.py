@@ -290,12 +290,21 @@ class LMStage:
         The caller has set the mask column of each new position. Returns logits ``[n, vocab]`` (last stage)."""
         n = tokens.numel()
         x = self._embed(tokens) if self.first else self._recv(n)
-        if self._fused is not None and isinstance(slab, KVSlab):
+        # The fused kernel (KV slab only) also applies the final norm and output layer on the last stage.
+        fused = self._fused is not None and isinstance(slab, KVSlab)
+        if fused:
             x = self._fused.decode(self, x, cache_pos, rope_pos, slab, span)
-            if not self.last:
-                self._send(x)
-                return None
-            return x[:, : self.vocab]
+        else:
+            x = self._decode_layers(x, cache_pos, rope_pos, slab, span)
+        if not self.last:
+            self._send(x)
+            return None
+        return x[:, : self.vocab] if fused else self._logits(x)
+
+    def _decode_layers(self, x: Tensor, cache_pos: Tensor, rope_pos: Tensor, slab: KVSlab | CascadeKV,
+                       span: int) -> Tensor:
+        """The torch path of a decode step's layers (the fused kernel's reference)."""
+        n = x.shape[0]
         cos, sin = self.rotary.lookup(rope_pos)
         if isinstance(slab, CascadeKV):  # span unused: the plan reads each prefix and suffix to its end
             plan = slab.plan(cache_pos)
@@ -304,11 +313,7 @@ class LMStage:
                 return slab.attention(li, q, k, v, plan, self.scale).reshape(n, -1)
         else:
             attend = self._slab_attend(slab, cache_pos, n, span)
-        x = self._layers(x, cos, sin, attend)
-        if not self.last:
-            self._send(x)
-            return None
-        return self._logits(x)
+        return self._layers(x, cos, sin, attend)
 
     def _slab_attend(self, slab: KVSlab, cache_pos: Tensor, n: int, span: int):
         """A decode step's per-layer attention on the KV slab: writes the step's keys and values at
